@@ -268,12 +268,7 @@ class Transformer(nn.Module):
     # ---- checkpoints: ours (safetensors + JSON config) and the official HF layout ----
 
     def save_pretrained(self, folder):
-        from safetensors.torch import save_file
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
-        atomic_write(folder / "model.json", lambda p: p.write_text(json.dumps(asdict(self.config), indent=1)))
+        save_weights(folder, self.state_dict(), self.config)
 
     @classmethod
     def load(cls, folder, device="cpu", dtype=torch.float32):
@@ -362,6 +357,16 @@ def compute_loss(logits, targets, loss_mask, z_loss_weight=0.0):
     if z_loss_weight:
         loss = loss + z_loss_weight * (torch.logsumexp(logits, dim=-1).pow(2) * mask).sum() / count
     return loss
+
+
+def save_weights(folder, state_dict, config):
+    """Our checkpoint format: model.safetensors + model.json (the ModelConfig), each written atomically."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
+    atomic_write(folder / "model.json", lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
 
 
 def atomic_write(path, write):

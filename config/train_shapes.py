@@ -1,0 +1,19 @@
+# The shipped reduced-scale model: shapes world, T2I + the five task families, 2-core CPU.
+# python train.py config/train_shapes.py   (resume after a stop: add --init_from=resume)
+out_dir = "out/shapes"
+data_dir = "data/shapes"
+model_name = "shapes"
+device = "cpu"
+batch_size = 32
+gradient_accumulation_steps = 1
+max_iters = 12000
+# small models take a larger step than the paper's 7B (2e-4); warmup + cosine as official
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 200
+dropout = 0.0           # the shapes world is plentiful; dropout only slows a short run
+z_loss_weight = 1e-5    # official train.sh
+eval_interval = 500
+eval_iters = 10
+log_interval = 20
+checkpoint_interval = 250
