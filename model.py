@@ -251,14 +251,24 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = None
         self.causal_mask = None
 
-    def forward(self, idx, input_pos=None):
-        """idx (B, T) token ids -> fp32 logits (B, T, vocab). input_pos (T,) only with caches."""
+    def forward(self, idx, input_pos=None, key_mask=None):
+        """idx (B, T) token ids -> fp32 logits (B, T, vocab). input_pos (T,) only with caches.
+
+        key_mask (B, S) bool, optional with caches: cache entries each row may see at all. CFG uses
+        it to run the unconditional context (which starts at the image start token) left-padded in
+        the same batch as the conditional one: RoPE depends only on relative positions, so hiding
+        the pads gives exactly the official separate unconditional forward.
+        """
         if (input_pos is None) != (self.causal_mask is None):
             raise RuntimeError("pass input_pos exactly when caches are set up (model.setup_caches)")
         if input_pos is None:
             mask, cos, sin = None, self.rope_cos[: idx.shape[1]], self.rope_sin[: idx.shape[1]]
         else:
-            mask = self.causal_mask[None, None, input_pos]  # (1, 1, T, S): key s visible iff s <= pos
+            mask = self.causal_mask[input_pos]  # (T, S): key s visible iff s <= pos
+            if key_mask is not None:  # every token still sees itself, so hidden pads never go NaN
+                own = torch.arange(mask.shape[1], device=idx.device) == input_pos[:, None]  # (T, S)
+                mask = mask[None] & (key_mask[:, None, :] | own[None])  # (B, T, S)
+            mask = mask.unsqueeze(-3)  # (B or 1, 1, T, S)
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         x = self.embed_tokens(idx)
         for layer in self.layers:

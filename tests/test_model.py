@@ -212,3 +212,23 @@ def test_loss_mask_and_z_loss():
     z = torch.logsumexp(logits[sel], -1).pow(2).mean()
     torch.testing.assert_close(compute_loss(logits, targets, mask), ce)
     torch.testing.assert_close(compute_loss(logits, targets, mask, z_loss_weight=1e-2), ce + 1e-2 * z)
+
+
+def test_key_mask_hides_a_left_pad_exactly():
+    """A row left-padded with hidden tokens gives the same logits as the unpadded row on its own
+    (RoPE is relative), which is how CFG batches its unconditional context."""
+    model = tiny_model(6)
+    short = torch.randint(0, 512, (1, 9))
+    pad = 5
+    padded = torch.cat([torch.randint(0, 512, (1, pad)), short], 1)
+    with torch.no_grad():
+        alone = model(short)
+        model.setup_caches(2, 32)
+        key_mask = torch.ones(2, 32, dtype=torch.bool)
+        key_mask[1, :pad] = False
+        batch = torch.cat([padded, padded], 0)
+        out = model(batch, torch.arange(pad + 9), key_mask)
+        step = model(short[:, -1:].repeat(2, 1), torch.tensor([pad + 9]), key_mask)
+    torch.testing.assert_close(out[1, pad:], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[0, pad:], alone[0], atol=1e-3)  # the unmasked row does see the pad
+    assert torch.isfinite(out).all() and torch.isfinite(step).all()
