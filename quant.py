@@ -1,30 +1,26 @@
 """Int4 weight-only quantization: 4-bit weights in groups of 128 along the input dim, bf16 activations.
 
-What it is: our readable version of the torchao `int4_weight_only(group_size=128)` that the official
-Lumina-mGPT 2.0 `--quant` flag applies (paper: -48% time, -47% memory with SJD), without torchao.
-Primitives first (quantize / dequantize a group, pack two 4-bit values per byte), then `Int4Linear`,
-a drop-in for a bias-free nn.Linear, then `quantize_model` and a safetensors save/load.
-The formula and zero-point convention are torchao's and gpt-fast's (specs/performance.md §3.2, §4),
-so our quantized weights are interchangeable with theirs.
-
-Int4Linear runs on the fastest path its device offers, chosen once when the layer is built:
+What it is: a readable, torchao-free version of the `int4_weight_only(group_size=128)` behind the
+official `--quant` flag (paper: -48% time, -47% memory). Primitives (quantize, dequantize, pack two
+4-bit values per byte), then `Int4Linear`, a drop-in for a bias-free nn.Linear, then `quantize_model`
+and safetensors save/load. Formula and zero point are torchao's and gpt-fast's (specs/performance.md
+§3.2, §4), so quantized weights are interchangeable with theirs. Each layer picks its path once:
   "cuda"       tinygemm, torch.ops.aten._weight_int4pack_mm (sm80+, bf16 activations, §3.2)
   "cpu"        torch.ops.aten._weight_int4pack_mm_for_cpu (specs/machine.md: ~12x an fp32 GEMV)
-  "reference"  unpack -> dequantize -> F.linear in the input's dtype; any device, any dtype
-The kernels take bf16 activations; fp32 inputs are cast to bf16 for the kernel and the result is
-cast back (the CPU kernel is ~70x slower on fp32 inputs, and the cast's ~3e-3 relative error is far
-below int4's own). Force exact fp32 math with path="reference".
+  "reference"  unpack -> dequantize -> F.linear in the input's dtype, on any device
+The kernels take bf16 activations, so fp32 inputs are cast to bf16 and the result back: the CPU
+kernel is ~70x slower on fp32, and the cast's ~2e-3 relative error is far below int4's own (~6e-2).
+path="reference" gives exact fp32 math.
 
-What it is not: activation or KV-cache quantization, GPTQ/HQQ-style error-minimising rounding, or a
-training-time (QAT) method. Quantize after moving the model to its device: a kernel's packed layout
-belongs to that device, so `.to()` cannot move a layer from the "cpu" path to "cuda".
+What it is not: activation or KV-cache quantization, GPTQ/HQQ-style rounding, or QAT. Move and cast
+the model first, then quantize: a kernel's layout belongs to its device (`.to()` cannot move a layer
+from the "cpu" path to "cuda") and the kernels want bf16 scales.
 
-Run `python quant.py` to time decode-shaped matmuls (batch 2 and 34), int4 vs fp32 on this machine.
+Run `python quant.py` to time decode-shaped matmuls (batch 2 and 34), int4 vs float, on this machine.
 """
 import functools
 import json
 import os
-import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -42,11 +38,9 @@ INT4_FILE = "model_int4.safetensors"
 def quantize(weight, group_size=128):
     """weight (N, K) float -> q (N, K) uint8 in 0..15, scales_and_zeros (K/g, N, 2) bf16.
 
-    Asymmetric min/max per group of `group_size` inputs, torchao's float zero point (§4):
-    scale = (max - min) / 15, zero = min + 8 * scale, q = round((w - (zero - 8 * scale)) / scale).
-    Scale and zero are stored in bf16 like torchao's, and q is rounded against the stored values.
-    (A group whose values sit far from 0 relative to their spread loses accuracy to the bf16 zero;
-    that does not happen in transformer weights.)"""
+    Asymmetric min/max per group of inputs with torchao's float zero point (§4): scale = (max-min)/15,
+    zero = min + 8*scale, both stored in bf16; q = round((w - (zero - 8*scale)) / scale) against the
+    stored values. (A group far from 0 relative to its spread loses accuracy to the bf16 zero.)"""
     N, K = weight.shape
     w = weight.detach().float().reshape(N, K // group_size, group_size)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, K/g)
@@ -109,30 +103,25 @@ if hasattr(torch.ops.aten, "_weight_int4pack_mm"):
 
 
 def path_problem(path, device, out_features):
-    """Why `path` cannot run a layer with `out_features` outputs on `device` (None if it can)."""
-    device = torch.device(device)
-    if path not in PATHS:
-        return f"this torch build has no {path!r} int4 kernel" if path in ("cpu", "cuda") else \
-            f"unknown path {path!r}; choose 'auto' or one of {sorted(PATHS)}"
-    if path in ("cpu", "cuda") and device.type != path:
-        return f"the {path!r} kernel cannot run on a {device.type} device"
-    if path == "cpu" and out_features % 16:  # measured: the CPU op rejects other N
-        return f"out_features {out_features} is not a multiple of 16 (the CPU int4 kernel needs it)"
-    if path == "cuda" and out_features % 8:
-        return f"out_features {out_features} is not a multiple of 8 (tinygemm needs it, §3.2)"
-    if path == "cuda" and not torch.cuda.is_available():
-        return "CUDA is not available"
+    """Why `path` cannot run a layer with `out_features` outputs on `device`; None if it can."""
+    if path == "reference":
+        return None
+    if path not in ("cpu", "cuda"):
+        return f"unknown path {path!r}; choose 'auto', 'cuda', 'cpu' or 'reference'"
+    multiple = {"cpu": 16, "cuda": 8}[path]  # N granularity: measured for the CPU op; §3.2 for tinygemm
+    if path not in PATHS or torch.device(device).type != path or (path == "cuda" and not torch.cuda.is_available()):
+        return f"this torch build cannot run its {path} int4 kernel on {device}"
+    if out_features % multiple:
+        return f"out_features {out_features} is not a multiple of {multiple}, as the {path} int4 kernel needs"
     if path == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return "tinygemm needs an sm80+ GPU (A100, H100, RTX 30xx or newer)"
-    return None
 
 
 def choose_path(path, device, out_features):
     """'auto' -> the fastest path that fits; a named path -> itself, or a ValueError saying why not."""
     if path == "auto":
         return next(p for p in ("cuda", "cpu", "reference") if path_problem(p, device, out_features) is None)
-    problem = path_problem(path, device, out_features)
-    if problem:
+    if problem := path_problem(path, device, out_features):
         raise ValueError(f"cannot use the {path!r} int4 path: {problem}")
     return path
 
@@ -183,11 +172,11 @@ class Int4Linear(nn.Module):
         if self.path == "reference":
             return self.weight
         K, N, g = self.in_features, self.out_features, self.group_size
-        unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=self.weight.device).expand(K // g, N, 2)
-        rows = [F.one_hot(torch.arange(i, min(i + 1024, K), device=self.weight.device), K).to(torch.bfloat16)
-                for i in range(0, K, 1024)]  # the identity (K, K), 1024 rows at a time
-        q_t = torch.cat([self.matmul(r, self.weight, unit.contiguous(), g) for r in rows])  # (K, N)
-        return pack(q_t.t())
+        device = self.weight.device
+        unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=device).repeat(K // g, N, 1)  # (K/g, N, 2)
+        identity_rows = (F.one_hot(torch.arange(i, min(i + 1024, K), device=device), K).to(torch.bfloat16)
+                         for i in range(0, K, 1024))  # the (K, K) identity, 1024 rows at a time
+        return pack(torch.cat([self.matmul(rows, self.weight, unit, g) for rows in identity_rows]).t())  # q (N, K)
 
     def forward(self, x):
         return self.matmul(x, self.weight, self.scales_and_zeros, self.group_size)
@@ -211,9 +200,10 @@ def _swap_linears(model, make):
 
 def quantize_model(model, group_size=128, skip=("lm_head",), path="auto"):
     """Swap every nn.Linear except those named in `skip` (a full name or a last component) for an
-    Int4Linear, in place. lm_head stays in full precision by default, as in the official run: the
-    Hugging Face torchao integration keeps the output embedding unquantized. nn.Embedding is only
-    gathered, never multiplied, so it is not a Linear and stays as it is (performance.md §6)."""
+    Int4Linear, in place. lm_head stays in full precision by default, as in the official run (the
+    Hugging Face torchao integration keeps the output embedding unquantized): it is ~10% of a 7B's
+    linear weights, and quantizing it raised the per-token KL to the float logits 8x on a briefly
+    trained shapes-sized model. nn.Embedding is gathered, not multiplied, so it stays (performance.md §6)."""
     def make(name, linear):
         if any(name == s or name.endswith("." + s) for s in skip):
             return None
@@ -268,34 +258,21 @@ def load_quantized(model, folder, path="auto"):
 # measurement: decode-shaped matmuls (CFG batch 2; an SJD verify pass is 2 x 17 = 34 rows, §4)
 
 
-def benchmark(shapes=((2048, 8192), (8192, 2048), (4096, 4096)), batches=(2, 34), group_size=128, repeats=20):
+def benchmark(shapes=((2048, 8192), (8192, 2048), (4096, 4096)), batches=(2, 34), group_size=128):
+    from torch.utils.benchmark import Timer
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # no fast bf16 GEMM on CPU (machine.md)
-    print(f"device {device}, baseline nn.Linear in {dtype}, int4 group {group_size}; median of {repeats}")
-    print(f"{'in x out':>12} {'batch':>5} {'float ms':>9} {'int4 ms':>8} {'path':>5} {'speedup':>8} {'bytes':>6}")
+    print(f"{device}, {torch.get_num_threads()} threads; nn.Linear in {dtype} vs int4 group {group_size}; median ms")
+    print(f"{'in x out':>11} {'batch':>5} {'float':>7} {'int4':>7} {'path':>5} {'speedup':>7} {'bytes':>6}")
     for k, n in shapes:
-        linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
         int4 = Int4Linear.from_linear(linear, group_size)
         nbytes = sum(b.nbytes for b in int4.buffers()) / linear.weight.nbytes
         for m in batches:
             x = torch.randn(m, k, device=device, dtype=dtype)
-            t_float, t_int4 = (_median_ms(layer, x, repeats) for layer in (linear, int4))
-            print(f"{k:>5} x {n:<5} {m:>5} {t_float:>9.2f} {t_int4:>8.2f} {int4.path:>5} "
-                  f"{t_float / t_int4:>7.1f}x {nbytes:>6.3f}")
-
-
-@torch.no_grad()
-def _median_ms(layer, x, repeats):
-    times = []
-    for _ in range(repeats + 2):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        layer(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times[2:])[repeats // 2]
+            t_float, t_int4 = (Timer("layer(x)", globals={"layer": layer, "x": x}, num_threads=torch.get_num_threads())
+                               .blocked_autorange(min_run_time=1.0).median * 1e3 for layer in (linear, int4))
+            print(f"{k:>5}x{n:<5} {m:>5} {t_float:>7.2f} {t_int4:>7.2f} {int4.path:>5} {t_float / t_int4:>6.1f}x {nbytes:>6.3f}")
 
 
 if __name__ == "__main__":

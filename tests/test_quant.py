@@ -103,27 +103,28 @@ def test_shape_constraints_give_clear_errors_or_reference():
         quant.quantize_model(nn.ModuleDict({"lm_head": linear}), group_size=128, skip=())
 
 
-def tiny_model():
+def tiny_model(device="cpu"):
     torch.manual_seed(0)
-    return Transformer(ModelConfig.from_name("tiny")).eval()
+    return Transformer(ModelConfig.from_name("tiny")).eval().to(device)
 
 
 def linear_names(model, cls):
     return sorted(name for name, m in model.named_modules() if isinstance(m, cls))
 
 
-@pytest.mark.parametrize("path", ["reference"] + FAST_PATHS_HERE[:1])
+@pytest.mark.parametrize("path", ["reference"] + FAST_PATHS_HERE)
 def test_quantized_tiny_model_logits_stay_close(path):
     """Every projection in the blocks becomes int4, lm_head stays float, and the logits keep a
     cosine similarity of at least 0.99 with the float model's, in the full and the cached forward."""
-    model = tiny_model()
-    idx = torch.randint(0, model.config.vocab_size, (2, 24))
+    device = "cuda" if path == "cuda" else "cpu"
+    model = tiny_model(device)
+    idx = torch.randint(0, model.config.vocab_size, (2, 24), device=device)
     with torch.no_grad():
         expected = model(idx)
         quant.quantize_model(model, group_size=32, path=path)
         got = model(idx)
         model.setup_caches(2, 24)
-        cached = model(idx, torch.arange(24))
+        cached = model(idx, torch.arange(24, device=device))
     assert linear_names(model, nn.Linear) == ["lm_head"]
     assert len(linear_names(model, quant.Int4Linear)) == 7 * model.config.n_layer
     for logits in (got, cached):
@@ -143,20 +144,22 @@ def test_int4_weights_take_under_030x_of_bf16_bytes():
     assert int4_bytes <= 0.30 * bf16_bytes
 
 
-@pytest.mark.parametrize("path", ["reference"] + FAST_PATHS_HERE[:1])
+@pytest.mark.parametrize("path", ["reference"] + FAST_PATHS_HERE)
 def test_save_load_round_trip_is_exact(tmp_path, path):
     """save_quantized -> load_quantized into a fresh model gives identical tensors and outputs,
     whichever path wrote and reads the file."""
-    model = quant.quantize_model(tiny_model(), group_size=32, path=path)
+    device = "cuda" if path == "cuda" else "cpu"
+    model = quant.quantize_model(tiny_model(device), group_size=32, path=path)
     quant.save_quantized(model, tmp_path)
     assert (tmp_path / "model.json").is_file()
     torch.manual_seed(123)  # a different random init, so nothing passes by accident
-    loaded = quant.load_quantized(Transformer(ModelConfig.from_name("tiny")).eval(), tmp_path, path=path)
+    fresh = Transformer(ModelConfig.from_name("tiny")).eval().to(device)
+    loaded = quant.load_quantized(fresh, tmp_path, path=path)
     for name in linear_names(model, quant.Int4Linear):
         a, b = model.get_submodule(name), loaded.get_submodule(name)
         assert b.path == a.path and torch.equal(a.weight, b.weight)
         assert torch.equal(a.scales_and_zeros, b.scales_and_zeros)
-    idx = torch.randint(0, 512, (2, 16))
+    idx = torch.randint(0, 512, (2, 16), device=device)
     with torch.no_grad():
         assert torch.equal(model(idx), loaded(idx))
 
