@@ -1,0 +1,190 @@
+"""sample.py: reproducible, cache-exact, structurally valid sampling; CFG 1 is conditional-only;
+the reference panel is kept token for token; --think degrades gracefully; bad input is one line."""
+import http.server
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import ModelConfig, Transformer
+from sample import (generate, generate_uncached, load_system, logits_to_probs, make_grid, sample_images,
+                    think)
+from sequence import image_body_plan, image_header_ids, prompt_ids, t2i_prompt, train_tokenizer, unconditional_ids
+from vq import MoVQGAN, VQConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CAPTIONS = ["a photo of a red circle", "two blue squares", "a green star left of a yellow cross",
+            "Generate an image of 64x64 according to the following prompt:"] * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny model + tiny codec + small tokenizer, saved in our checkpoint layout."""
+    folder = tmp_path_factory.mktemp("tiny_ckpt")
+    tokenizer = train_tokenizer(CAPTIONS, str(folder / "tokenizer.json"), vocab_size=300)
+    torch.manual_seed(0)
+    codec = MoVQGAN(VQConfig.from_name("tiny"))
+    codec.save_pretrained(folder)
+    vocab = tokenizer.vocab_size + codec.config.n_embed
+    torch.manual_seed(1)
+    Transformer(ModelConfig.from_name("tiny", vocab_size=vocab, max_seq_len=512)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def system(tiny_ckpt):
+    return load_system(tiny_ckpt)
+
+
+def t2i_context(system, width=64, height=64, prompt="a red circle"):
+    layout = system.layout
+    prefix = prompt_ids(system.tokenizer, layout, t2i_prompt(prompt, width, height)) + \
+        image_header_ids(height, width, layout)
+    plan = image_body_plan(height // 8, width // 8, layout)
+    return prefix, unconditional_ids(prefix, layout), plan
+
+
+def test_same_seed_same_image(system):
+    a, _ = sample_images(system, "a red circle", seed=3, num_samples=2)
+    b, _ = sample_images(system, "a red circle", seed=3, num_samples=2)
+    c, _ = sample_images(system, "a red circle", seed=4, num_samples=2)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+
+
+@pytest.mark.parametrize("top_k, temperature", [(1, 1.0), (50, 1.0)])
+def test_cached_batched_cfg_equals_uncached_separate_passes(system, top_k, temperature):
+    """Static cache + CFG as one left-padded batch of two == recomputing everything with the
+    unconditional context as its own sequence (the official way), token for token."""
+    prefix, uncond, plan = t2i_context(system)
+    cached, _ = generate(system.model, system.layout, prefix, uncond, plan, cfg_scale=3.0, top_k=top_k,
+                         temperature=temperature, generator=torch.Generator().manual_seed(7))
+    naive = generate_uncached(system.model, system.layout, prefix, uncond, plan, cfg_scale=3.0, top_k=top_k,
+                              temperature=temperature, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(cached, naive)
+
+
+def test_cfg_one_is_conditional_only(system):
+    """cfg 1 == sampling from the conditional logits alone (no unconditional rows at all)."""
+    prefix, uncond, plan = t2i_context(system)
+    with_cfg1, _ = generate(system.model, system.layout, prefix, uncond, plan, cfg_scale=1.0, top_k=20,
+                            temperature=1.0, generator=torch.Generator().manual_seed(5))
+    model, tokens, gen = system.model, list(prefix), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i in range(len(plan)):
+            logits = model(torch.tensor([tokens]))[:, -1]
+            allowed = torch.full_like(logits, float("-inf"))
+            if plan[i] >= 0:
+                allowed[:, plan[i]] = 0
+            else:
+                off = system.layout.image_code_offset
+                allowed[:, off:off + system.layout.codebook_size] = 0
+            logits = logits + allowed
+            kth = torch.topk(logits, 20).values[:, -1:]
+            probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+            tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+    assert with_cfg1[0].tolist() == tokens[len(prefix):]
+
+
+@pytest.mark.parametrize("width, height", [(64, 64), (128, 64), (64, 128), (32, 96)])
+def test_every_sample_decodes(system, width, height):
+    """50 samples per size (200 in all) from an untrained model: the structure constraint makes
+    every one a valid Uni-Rep block of the requested size."""
+    images, stats = sample_images(system, "a blue star", width=width, height=height, num_samples=50,
+                                  cfg=2.0, seed=1)
+    assert len(images) == 50 and all(im.size == (width, height) for im in images)
+    assert stats["codes"].shape == (50, height // 8, width // 8)
+
+
+def test_structure_constraint_forces_eol_and_end(system):
+    layout = system.layout
+    plan = image_body_plan(2, 3, layout)
+    logits = torch.randn(1, len(plan), layout.vocab_size) * 10
+    probs = logits_to_probs(logits, plan, layout, 1.0, 0, 1.0)
+    assert torch.all(probs[0, 3, layout.eol_id] == 1) and torch.all(probs[0, -1, layout.image_end_id] == 1)
+    off, n = layout.image_code_offset, layout.codebook_size
+    assert torch.allclose(probs[0, 0, off:off + n].sum(), torch.tensor(1.0))
+
+
+def test_reference_panel_is_kept_exactly(system, tmp_path):
+    ref = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    ref.save(tmp_path / "ref.png")
+    images, stats = sample_images(system, "a green star", task="edge", ref=str(tmp_path / "ref.png"),
+                                  num_samples=3, seed=2)
+    expected = system.codec.encode(torch.from_numpy(np.asarray(ref)).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    assert images[0].size == (64, 128)
+    assert torch.equal(stats["codes"][:, :8], expected.expand(3, -1, -1))
+
+
+def test_grid_layout():
+    tiles = [Image.new("RGB", (4, 6), c) for c in ("red", "green", "blue")]
+    grid = make_grid(tiles, columns=2)
+    assert grid.size == (8, 12) and grid.getpixel((5, 1)) == (0, 128, 0) and grid.getpixel((1, 7)) == (0, 0, 255)
+
+
+class StubChat(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        reply = {"choices": [{"message": {"content": "REWRITTEN: " + body["messages"][-1]["content"]}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_think_rewrites_through_a_loopback_server_and_falls_back(capsys):
+    server = http.server.HTTPServer(("127.0.0.1", 0), StubChat)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    assert think("a red circle", url, timeout=10) == "REWRITTEN: a red circle"
+    thread.join(5)
+    server.server_close()
+    assert think("a red circle", url, timeout=2) == "a red circle"  # the server is gone now
+    assert "using the prompt as given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "x", "--width", "100"], "width 100 is not a multiple of 32; try 96 or 128"),
+    (["--prompt", "x", "--task", "paint"], "unknown task 'paint'"),
+    (["--prompt", "x", "--task", "edge"], "needs --ref"),
+    (["--prompt", "x", "--task", "edge", "--ref", "missing.png"], "does not exist"),
+    (["--prompt", "x", "--task", "edge", "--ref", "CORRUPT"], "cannot read reference image"),
+    (["--prompt", "  "], "the prompt is empty"),
+    (["--prompt", "x", "--width", "1024", "--height", "1024"], "exceed"),
+])
+def test_bad_input_is_one_line(tiny_ckpt, tmp_path, args, message):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    args = [str(corrupt) if a == "CORRUPT" else a for a in args]
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path)] + args,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_writes_samples_and_grid(tiny_ckpt, tmp_path):
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle",
+                           "--num_samples", "3", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert len(pngs) == 4 and any("grid" in p for p in pngs) and "tokens/s" in proc.stdout
