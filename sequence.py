@@ -101,24 +101,24 @@ class TokenLayout:
     size_unit: int = 32      # pixels per size token ("patch_size", §2.3)
     downsample: int = 8      # pixels per code (MoVQGAN, §3)
 
+    def __post_init__(self):  # meta.json hands size_token_ids back as a list
+        object.__setattr__(self, "size_token_ids", tuple(self.size_token_ids))
+
     @classmethod
     def official(cls, tokenizer):
         """The released checkpoints' layout, ids read from the tokenizer and checked against §2.2."""
-        expected = {IMAGE_START: 151665, IMAGE_END: 151666, EOL: 151670}
-        ids = {s: _require(tokenizer, s) for s in (BOS, IMAGE_START, IMAGE_END, EOL, SEP)}
-        for s, want in expected.items():
-            if ids[s] != want:
-                raise ValueError(f"{s} has id {ids[s]} in this tokenizer, the official one has {want}: "
+        ids, sizes = _special_ids(tokenizer)
+        for name, want in (("image_start_id", 151665), ("image_end_id", 151666), ("eol_id", 151670)):
+            if ids[name] != want:
+                raise ValueError(f"{name} is {ids[name]} in this tokenizer, officially {want}: "
                                  "is this the Lumina-mGPT 2.0 tokenizer.json?")
-        return cls(ids[BOS], ids[IMAGE_START], ids[IMAGE_END], ids[EOL], ids[SEP],
-                   image_code_offset=155000, codebook_size=16384, size_token_ids=_size_ids(tokenizer))
+        return cls(**ids, image_code_offset=155000, codebook_size=16384, size_token_ids=sizes)
 
     @classmethod
     def ours(cls, tokenizer, codebook_size):
         """Our reduced-scale layout: same special strings, image codes right after the vocabulary."""
-        ids = [_require(tokenizer, s) for s in (BOS, IMAGE_START, IMAGE_END, EOL, SEP)]
-        return cls(*ids, image_code_offset=tokenizer.vocab_size, codebook_size=codebook_size,
-                   size_token_ids=_size_ids(tokenizer))
+        ids, sizes = _special_ids(tokenizer)
+        return cls(**ids, image_code_offset=tokenizer.vocab_size, codebook_size=codebook_size, size_token_ids=sizes)
 
     @property
     def vocab_size(self):
@@ -141,28 +141,17 @@ class TokenLayout:
     def to_dict(self):
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{**d, "size_token_ids": tuple(d["size_token_ids"])})
 
+def _special_ids(tokenizer):
+    """({field: id} of the five special tokens, size token ids for n = 1, 2, ... as far as present)."""
+    ids = {f: tokenizer.token_to_id(s) for f, s in (("bos_id", BOS), ("image_start_id", IMAGE_START),
+                                                   ("image_end_id", IMAGE_END), ("eol_id", EOL), ("sep_id", SEP))}
+    missing = [f for f, i in ids.items() if i is None] + ([] if tokenizer.token_to_id(size_token(1)) else ["size tokens"])
+    if missing:
+        raise ValueError(f"tokenizer lacks {missing}: it must carry the special strings of sequence.py")
+    sizes = [tokenizer.token_to_id(size_token(n)) for n in range(1, MAX_GRIDS + 1)]
+    return ids, tuple(sizes[:sizes.index(None)] if None in sizes else sizes)
 
-def _require(tokenizer, token):
-    i = tokenizer.token_to_id(token)
-    if i is None:
-        raise ValueError(f"tokenizer has no {token!r} token; it must carry the special strings of sequence.py")
-    return i
-
-
-def _size_ids(tokenizer):
-    ids = []
-    for n in range(1, MAX_GRIDS + 1):
-        i = tokenizer.token_to_id(size_token(n))
-        if i is None:
-            break
-        ids.append(i)
-    if not ids:
-        raise ValueError(f"tokenizer has no size tokens ({size_token(1)}, ...)")
-    return tuple(ids)
 
 # -----------------------------------------------------------------------------
 # Uni-Rep image blocks (§2.3): [start, h-size, w-size, row_0 codes, EOL, ..., row_{h-1} codes, EOL, end]
@@ -342,10 +331,10 @@ class ShardWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        if exc[0] is None:
+    def __exit__(self, error, *_):
+        if error is None:
             self.close()
-        else:
+        else:  # leave only .tmp files behind
             self.ids.close()
             self.mask.close()
 
@@ -367,6 +356,7 @@ def load_shards(folder, split):
 
 
 def read_meta(folder):
+    """(meta.json as a dict, its TokenLayout)."""
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
-    return meta, TokenLayout.from_dict(meta["layout"])
+    return meta, TokenLayout(**meta["layout"])

@@ -177,7 +177,7 @@ def test_tokenizer_round_trip_and_layout_dict(ours):
     assert tok.decode(tok.encode(text)) == text
     assert tok.encode(S.SEP) == [L.sep_id]
     assert L.image_code_offset == tok.vocab_size and len(L.size_token_ids) == S.MAX_GRIDS
-    assert S.TokenLayout.from_dict(json.loads(json.dumps(L.to_dict()))) == L
+    assert S.TokenLayout(**json.loads(json.dumps(L.to_dict()))) == L
 
 
 def test_shards_atomic_round_trip(tmp_path):
