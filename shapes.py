@@ -18,6 +18,7 @@ It imports nothing from the project.
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -272,6 +273,10 @@ _RELATION_WORDS = {"left of": ("left of", "to the left of", "on the left of"),
                    "above": ("above", "over", "on top of"), "below": ("below", "under", "beneath")}
 
 
+_COUNT_WORDS = {"a": 1, "an": 1, **{w: n for n, w in NUMBERS.items()}}
+_NOUN_PHRASE = re.compile(rf"\b(a|an|one|two|three|four|\d+)\s+(?:({'|'.join(COLORS)})\s+)?({'|'.join(SHAPES)})(?:es|s)?\b")
+
+
 def _obj(shape, color=None, count=1):
     return {"shape": shape, "color": color, "count": count}
 
@@ -288,6 +293,24 @@ def noun_phrase(o, rng=None):
         return f"{_article(words)} {words}"
     number = str(o["count"]) if rng is not None and rng.random() < 0.2 else NUMBERS[o["count"]]
     return f"{number} {words}"
+
+
+def parse_prompt(text):
+    """A caption in this world's language -> a spec, so best-of-N can score free-text prompts.
+    Reads every '<number> [colour] <shape>' phrase and a relation word between the first two."""
+    found = list(_NOUN_PHRASE.finditer(text.lower()))
+    if not found:
+        raise ValueError(f"no shape in prompt {text!r}; expected e.g. 'a photo of a red star left of a circle'")
+    objs = [_obj(m[3], m[2], int(m[1]) if m[1].isdigit() else _COUNT_WORDS[m[1]]) for m in found]
+    between = text.lower()[found[0].end():found[1].start()] if len(found) > 1 else ""
+    relation = next((r for r, words in _RELATION_WORDS.items() if any(w in between for w in words)), None)
+    if relation:
+        category = "position"
+    elif len(objs) > 1:
+        category = "color_attr" if any(o["color"] for o in objs) else "two_object"
+    else:
+        category = "counting" if objs[0]["count"] > 1 else "colors" if objs[0]["color"] else "single_object"
+    return {"category": category, "prompt": text, "objects": objs, "relation": relation}
 
 
 def describe(spec, rng=None, subject=False):
@@ -383,8 +406,6 @@ def _edit(rng, scene, held_out):
         for _ in range(200):  # the others stay where they were
             new = replace(new, x=rng.randint(1, scene.width - size - 1), y=rng.randint(1, scene.height - size - 1))
             if not any(_overlaps(new, o) for o in objs):
-                if not held_out.allows_scene(objs + [new]):
-                    return None
                 text = f"add {noun_phrase(_obj(shape, new.color))}"
                 return replace(scene, objects=tuple(objs + [new])), text, {"anywhere": len(objs)}
         return None
@@ -395,8 +416,6 @@ def _edit(rng, scene, held_out):
     if kind == "recolor":
         color = _allowed_color(rng, o.shape, held_out, avoid=(o.color,))
         objs[i] = replace(o, color=color)
-        if not held_out.allows_scene(objs):
-            return None
         text = rng.choice((f"make {name} {color}", f"change the color of {name} to {color}", f"recolor {name} {color}"))
         return replace(scene, objects=tuple(objs)), text, {}
     if kind == "remove":
@@ -441,7 +460,7 @@ def make_task(rng, task, held_out=HeldOut(), size=PANEL):
         if task != "edit":
             break
         edited = _edit(rng, scene, held_out)
-        if edited is not None:
+        if edited is not None and held_out.allows_scene(edited[0].objects):
             break
     if task in ("edge", "depth"):
         upper = (render_edges if task == "edge" else render_depth)(scene)
@@ -554,13 +573,6 @@ def _segmentation_classes(image):
     return np.where(x.max(-1) >= 70, 1 + cos.argmax(-1), 0)
 
 
-def detect_segmentation(image):
-    """Regions of a segmentation map, their shape read from the class colour they carry."""
-    classes = _segmentation_classes(image)
-    found = _objects(components(classes, classes > 0), [None] + list(SEG_COLORS), classes)
-    return [dict(d, shape=d["color"], color=None) for d in found]
-
-
 def detect_outlines(image):
     """Objects of an edge map: each light region enclosed by a dark outline, plus that outline."""
     dark = np.asarray(image.convert("L")) < 170  # blurred 2 px lines stay below ~170
@@ -661,6 +673,11 @@ def verify(image, spec):
     else:
         raise ValueError(f"unknown task {task!r}")
     return sum(map(bool, checks)) / len(checks)
+
+
+def verify_prompt(image, prompt):
+    """verify() against a free-text T2I prompt (see parse_prompt): best-of-N on user prompts."""
+    return verify(image, parse_prompt(prompt))
 
 # -----------------------------------------------------------------------------
 # Prompt sets (JSONL, one spec a line) and the held-out eval set
