@@ -14,6 +14,8 @@ It imports nothing from the project.
     spec = shapes.sample_spec(random.Random(0), "position")     # a prompt-set row (dict)
     img = shapes.render(shapes.scene_for_spec(spec, random.Random(1)))
     shapes.verify(img, spec)                                     # -> 1.0
+
+Tests: python -m pytest -q tests/test_shapes.py
 """
 import json
 import math
@@ -36,6 +38,8 @@ COLORS = {
 }
 # A second background makes "change the background" edits possible (shapes.md "Images").
 BACKGROUNDS = {"white": (255, 255, 255), "sky": (175, 210, 245)}
+BACKGROUND_WORDS = {"white": "white", "sky": "light blue"}
+ON_BACKGROUND = {"white": "", "sky": " on a light blue background"}  # white is the default, unsaid
 # Dense prediction: a fixed colour per shape on black, the usual look of a segmentation map.
 SEG_COLORS = {"circle": COLORS["red"], "square": COLORS["green"], "triangle": COLORS["blue"],
               "star": COLORS["yellow"], "cross": COLORS["purple"]}
@@ -219,11 +223,22 @@ def place(rng, items, width=PANEL, height=PANEL, relation=None, background="whit
     raise RuntimeError(f"could not place {items} on a {width}x{height} canvas")
 
 
+def random_scene(rng, width=PANEL, height=PANEL, n=None, background=None, held_out=None):
+    """1-4 random objects; with held_out, only scenes that HeldOut.allows_scene."""
+    held_out = held_out or NO_HELD_OUT
+    while True:
+        items = [(rng.choice(SHAPES), rng.choice(tuple(COLORS))) for _ in range(n or rng.randint(1, 4))]
+        bg = background or ("sky" if rng.random() < 0.2 else "white")
+        scene = place(rng, items, width, height, background=bg)
+        if held_out.allows_scene(scene.objects):
+            return scene
+
 # -----------------------------------------------------------------------------
 # Held-out compositions (shapes.md "Held-out compositions"): never generated for training, the only
 # ones in the shipped eval prompt set, so the eval measures generalisation as GenEval does.
 
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+TASK_FAMILIES = ("edge", "depth", "subject", "edit", "dense")
 
 
 @dataclass(frozen=True)
@@ -368,8 +383,8 @@ def scene_for_spec(spec, rng, width=PANEL, height=PANEL, held_out=HeldOut(), bac
 def make_t2i(rng, category, held_out=HeldOut(), size=PANEL):
     """(image, spec) for a training T2I example with a varied caption."""
     spec = sample_spec(rng, category, held_out)
-    spec["prompt"] = describe(spec, rng)
     bg = "sky" if rng.random() < 0.15 else "white"
+    spec["prompt"] = describe(spec, rng) + ON_BACKGROUND[bg]
     return render(scene_for_spec(spec, rng, size, size, held_out, bg)), spec
 
 # -----------------------------------------------------------------------------
@@ -381,7 +396,7 @@ def scene_caption(scene, rng=None):
     phrases = [noun_phrase(_obj(o.shape, o.color)) for o in sorted(scene.objects, key=lambda o: o.center[0])]
     body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     prefix = "a photo of" if rng is None else rng.choice(_PREFIXES)
-    return f"{prefix} {body}".strip()
+    return f"{prefix} {body}".strip() + ON_BACKGROUND[scene.background]
 
 
 def _target(scene):
@@ -395,8 +410,7 @@ def _edit(rng, scene, held_out):
     kind = rng.choice(("recolor", "remove", "add", "move", "background"))
     if kind == "background":
         bg = "sky" if scene.background == "white" else "white"
-        words = {"sky": "light blue", "white": "white"}[bg]
-        return replace(scene, background=bg), f"change the background to {words}", {}
+        return replace(scene, background=bg), f"change the background to {BACKGROUND_WORDS[bg]}", {}
     if kind == "add":
         if len(objs) >= 4:
             return None
@@ -476,9 +490,6 @@ def make_task(rng, task, held_out=HeldOut(), size=PANEL):
         spec.update(prompt=text, target=_target(new), background=new.background, **checks)
         return render(scene), render(new), spec
     raise ValueError(f"unknown task {task!r}; expected one of {TASK_FAMILIES}")
-
-
-TASK_FAMILIES = ("edge", "depth", "subject", "edit", "dense")
 
 # -----------------------------------------------------------------------------
 # The verifier (shapes.md "The verifier"): pixels -> nearest palette colour -> connected components
@@ -618,21 +629,24 @@ def _checks_t2i(found, spec):
     return checks
 
 
+def _same_object(d, t, k, spec):
+    """Is detection d target object k of spec? Same shape and colour, and where the edit put it:
+    anywhere for an added object, in the named half for a moved one, else on its box."""
+    if d["shape"] != t["shape"] or (t["color"] is not None and d["color"] != t["color"]):
+        return False
+    if k == spec.get("anywhere"):
+        return True
+    if k == spec.get("moved"):
+        return _in_half(d["center"], spec["half"], Scene((), spec["width"], spec["height"]), margin=0)
+    box = (t["x"], t["y"], t["x"] + t["size"] - 1, t["y"] + t["size"] - 1)
+    return _box_iou(d["bbox"], box) >= PASS_IOU
+
+
 def _checks_target(found, spec):
     """Each target object found again (same shape and colour, box IoU >= PASS_IOU), nothing extra."""
     checks, free = [], list(found)
     for k, t in enumerate(spec["target"]):
-        box = (t["x"], t["y"], t["x"] + t["size"] - 1, t["y"] + t["size"] - 1)
-        scene = Scene((), spec["width"], spec["height"])
-        def fits(d):
-            if d["shape"] != t["shape"] or (t["color"] is not None and d["color"] != t["color"]):
-                return False
-            if k == spec.get("anywhere"):  # an added object may be anywhere
-                return True
-            if k == spec.get("moved"):
-                return _in_half(d["center"], spec["half"], scene, margin=0)
-            return _box_iou(d["bbox"], box) >= PASS_IOU
-        hit = next((d for d in free if fits(d)), None)
+        hit = next((d for d in free if _same_object(d, t, k, spec)), None)
         checks.append(hit is not None)
         if hit is not None:
             free.remove(hit)
@@ -734,17 +748,6 @@ def eval_task_pairs(n_per_task, held_out=HeldOut(), size=PANEL, seed=10_000):
 # -----------------------------------------------------------------------------
 # Codec training images (CONTRACT.md): every kind of panel the transformer will ever see.
 # The codec sees held-out compositions too: its ceiling must hold on the eval set (shapes.md).
-
-def random_scene(rng, width=PANEL, height=PANEL, n=None, background=None, held_out=None):
-    """1-4 random objects; with held_out, only scenes that HeldOut.allows_scene."""
-    held_out = held_out or NO_HELD_OUT
-    while True:
-        items = [(rng.choice(SHAPES), rng.choice(tuple(COLORS))) for _ in range(n or rng.randint(1, 4))]
-        bg = background or ("sky" if rng.random() < 0.2 else "white")
-        scene = place(rng, items, width, height, background=bg)
-        if held_out.allows_scene(scene.objects):
-            return scene
-
 
 def codec_training_images(n, size=PANEL, seed=0):
     """Deterministic uint8 [n, size, size, 3] mix of scenes and task panels for codec training."""
