@@ -263,16 +263,16 @@ def benchmark(shapes=((2048, 8192), (8192, 2048), (4096, 4096)), batches=(2, 34)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # no fast bf16 GEMM on CPU (machine.md)
     print(f"{device}, {torch.get_num_threads()} threads; nn.Linear in {dtype} vs int4 group {group_size}; median ms")
-    print(f"{'in x out':>11} {'batch':>5} {'float':>7} {'int4':>7} {'path':>5} {'speedup':>7} {'bytes':>6}")
+    print(f"{'in x out':>11} {'batch':>5} {'float':>7} {'int4':>7} {'path':>5} {'speedup':>7} {'bytes/fp32':>10} {'bytes/bf16':>10}")
     for k, n in shapes:
         linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype).requires_grad_(False)
         int4 = Int4Linear.from_linear(linear, group_size)
-        nbytes = sum(b.nbytes for b in int4.buffers()) / linear.weight.nbytes
+        nbytes = sum(b.nbytes for b in int4.buffers()) / linear.weight.numel()  # bytes per weight
         for m in batches:
             x = torch.randn(m, k, device=device, dtype=dtype)
             t_float, t_int4 = (Timer("layer(x)", globals={"layer": layer, "x": x}, num_threads=torch.get_num_threads())
                                .blocked_autorange(min_run_time=1.0).median * 1e3 for layer in (linear, int4))
-            print(f"{k:>5}x{n:<5} {m:>5} {t_float:>7.2f} {t_int4:>7.2f} {int4.path:>5} {t_float / t_int4:>6.1f}x {nbytes:>6.3f}")
+            print(f"{k:>5}x{n:<5} {m:>5} {t_float:>7.2f} {t_int4:>7.2f} {int4.path:>5} {t_float / t_int4:>6.1f}x {nbytes / 4:>10.3f} {nbytes / 2:>10.3f}")
 
 
 if __name__ == "__main__":
