@@ -246,8 +246,9 @@ def prompt_ids(tokenizer, layout, text):
 def unconditional_ids(ids, layout):
     """The CFG unconditional context: the sequence from the last image start on, no BOS, no text (§4.2)."""
     ids = list(ids)
-    start = len(ids) - 1 - ids[::-1].index(layout.image_start_id)
-    return ids[start:]
+    if layout.image_start_id not in ids:
+        raise ValueError("no image start token in the sequence; the unconditional context begins there")
+    return ids[len(ids) - 1 - ids[::-1].index(layout.image_start_id):]
 
 
 def i2i_prefix_ids(tokenizer, layout, text, upper_codes):

@@ -66,10 +66,10 @@ def example(i, seed, mix, size, held_out=W.HeldOut()):
 
 def encode(codec, images, batch_size):
     """PIL images of equal size -> list of code grids [h, w], in batches."""
-    out = []
+    out, device = [], next(codec.parameters()).device
     for k in range(0, len(images), batch_size):
         x = torch.stack([pil_to_tensor(im) for im in images[k:k + batch_size]])  # (B, 3, H, W)
-        out += list(codec.encode(x))
+        out += list(codec.encode(x.to(device)).cpu())
     return out
 
 
@@ -152,7 +152,7 @@ def main(argv=None):
         for shape in {im.size for _, im, _ in batch}:  # one codec call per image size (single / dual)
             idx = [k for k, (_, im, _) in enumerate(batch) if im.size == shape]
             for k, c in zip(idx, encode(codec, [batch[k][1] for k in idx], args.batch_size)):
-                codes[k] = c.cpu()
+                codes[k] = c
         for k, (text, _, drop) in enumerate(batch):
             split = "val" if start + k >= args.n - n_val else "train"
             ids, mask = S.make_example(tokenizer, layout, text, codes[k], drop_text=drop)
