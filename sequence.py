@@ -230,6 +230,8 @@ def task_prompt(task, prompt, width, height, subject=None, dense_map="segmentati
         # "segmentation map" is ours (the official list has depth/canny/hed/pose), in the same slot.
         return _PAIR.format(w=width, h=height, target="lower", x=dense_map, kept="upper", prompt=prompt)
     if task == "subject":  # the paper's Table 3 wording (the code's i2i string is a placeholder sentence)
+        if not subject:
+            raise ValueError("the subject task needs subject=..., a description of the upper panel's object")
         return (f"Generate a dual-panel image of {width}x{height} where the <upper half> displays: {subject}, "
                 f"while the <lower half> shows the image according to the object and following prompt: {prompt}")
     if task == "edit":  # ours, in the official style: the paper's editing wording is not in the code

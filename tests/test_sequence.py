@@ -118,6 +118,8 @@ def test_templates_are_the_official_strings():
         "Generate a dual-panel image of 512x1024 where the <upper half> displays: a dog, while the <lower half> "
         "shows the image according to the object and following prompt: it on a beach")
     assert "recolour the star blue" in S.task_prompt("edit", "recolour the star blue", 64, 128)
+    with pytest.raises(ValueError, match="needs subject"):
+        S.task_prompt("subject", "it on a beach", 512, 1024)
     with pytest.raises(ValueError, match="unknown task"):
         S.task_prompt("paint", "x", 64, 64)
 
