@@ -177,7 +177,8 @@ def _rows(codes, layout):
 def image_to_ids(codes, layout):
     """Code grid [h, w] -> the image block, exactly as the official item processor builds it."""
     h, w = codes.shape
-    return image_header_ids(h * layout.downsample, w * layout.downsample, layout) + _rows(codes, layout) + [layout.image_end_id]
+    header = image_header_ids(h * layout.downsample, w * layout.downsample, layout)
+    return header + _rows(codes, layout) + [layout.image_end_id]
 
 
 def ids_to_codes(ids, layout):

@@ -729,7 +729,8 @@ def eval_t2i_specs(held_out=HeldOut()):
                           "relation": None})
     for s, c in held_out.color_pairs:
         other = rng.choice([x for x in SHAPES if x != s])
-        specs.append({"category": "color_attr", "objects": [_obj(s, c), _obj(other, _allowed_color(rng, other, held_out, (c,)))],
+        second = _obj(other, _allowed_color(rng, other, held_out, (c,)))
+        specs.append({"category": "color_attr", "objects": [_obj(s, c), second],
                       "relation": None})
     return [dict(s, prompt=describe(s)) for s in specs]
 

@@ -101,7 +101,8 @@ def main(argv=None):
     p.add_argument("--codec", required=True, help="our codec folder (vq.py) or an official MoVQGAN checkpoint")
     p.add_argument("--n", type=int, default=60000, help="examples in all, train + val")
     p.add_argument("--out_dir", default="data/shapes")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json to use; default: out_dir/tokenizer.json, trained if absent")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json to use; default: out_dir/tokenizer.json, trained if absent")
     p.add_argument("--vocab_size", type=int, default=1024, help="text vocabulary of a newly trained tokenizer")
     p.add_argument("--size", type=int, default=W.PANEL, help="panel side in pixels (a multiple of 32)")
     p.add_argument("--val_fraction", type=float, default=0.02)
