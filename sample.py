@@ -28,7 +28,7 @@ from tqdm import tqdm
 from model import Transformer
 from sequence import (TASKS, Tokenizer, TokenLayout, i2i_prefix_ids, ids_to_codes, image_body_plan,
                       image_header_ids, prompt_ids, split_panels, task_prompt, unconditional_ids)
-from vq import MoVQGAN, center_crop, pil_to_tensor, tensor_to_pil
+from vq import MoVQGAN, VQConfig, center_crop, pil_to_tensor, tensor_to_pil
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # official defaults (generate.py / README): cfg 4.0, image top-k 4096, temperature 1.0
@@ -47,8 +47,10 @@ class System:
     device: str
 
 
-def load_system(ckpt=ASSETS, vq=None, device="cpu", dtype=torch.float32, quant=None):
-    """Our folder (model.json, vq.json, tokenizer.json) or an official release (config.json) + codec."""
+def load_system(ckpt=ASSETS, vq=None, device="cpu", dtype=torch.float32, quant=None, vq_config=None):
+    """Our folder (model.json, vq.json, tokenizer.json) or an official release (config.json) + codec.
+    vq_config: a VQConfig preset name or a JSON file of its fields, for a bare codec state dict that
+    is not one of the released sizes (the released ones are recognised from their shapes)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
@@ -58,7 +60,9 @@ def load_system(ckpt=ASSETS, vq=None, device="cpu", dtype=torch.float32, quant=N
         if vq is None or not Path(vq).exists():
             raise FileNotFoundError(f"an official checkpoint needs --vq <path to movqgan_270M.ckpt> (got {vq})")
         model = Transformer.from_pretrained(ckpt, device=device, dtype=dtype)
-        codec = MoVQGAN.from_pretrained(vq)
+        if vq_config and Path(vq_config).is_file():
+            vq_config = VQConfig(**json.loads(Path(vq_config).read_text()))
+        codec = MoVQGAN.from_pretrained(vq, config=vq_config)
         layout, size = TokenLayout.official(tokenizer), 768
         if layout.image_code_offset + layout.codebook_size > model.config.vocab_size:
             raise ValueError(f"config vocab_size {model.config.vocab_size} has no room for image codes "
@@ -335,6 +339,7 @@ def main(argv=None):
     p.add_argument("--out", default="out/samples")
     p.add_argument("--ckpt", default=str(ASSETS))
     p.add_argument("--vq", help="codec: official movqgan_270M.ckpt (default: the one in --ckpt)")
+    p.add_argument("--vq_config", help="codec config (preset name or JSON) when --vq is not a released size")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true")
@@ -345,7 +350,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but no CUDA device is available; use --device cpu")
-    system = load_system(args.ckpt, args.vq, args.device, getattr(torch, args.dtype), args.quant)
+    system = load_system(args.ckpt, args.vq, args.device, getattr(torch, args.dtype), args.quant, args.vq_config)
     prompt = think(args.prompt, args.think_url) if args.think else args.prompt
     if prompt != args.prompt:
         print(f"prompt rewritten: {prompt}")

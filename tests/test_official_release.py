@@ -1,0 +1,113 @@
+"""The full-scale path end to end on a miniature release in the official layout: sample.py runs on
+it with the official token layout, prompts and CFG context, and produces decodable images of the
+requested size; real-checkpoint mistakes give one-line errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fake_release import write_fake_release
+from sample import generate, load_system
+from sequence import (image_body_plan, image_header_ids, prompt_ids, t2i_prompt, unconditional_ids)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    return write_fake_release(tmp_path_factory.mktemp("release"))
+
+
+def run_sample(release, tmp_path, *extra):
+    folder, vq, vq_config = release
+    cmd = [sys.executable, "sample.py", "--ckpt", str(folder), "--vq", str(vq), "--vq_config", str(vq_config),
+           "--out", str(tmp_path), "--prompt", "a photo of a red star", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("width, height", [(64, 64), (96, 32)])
+def test_t2i_cli_square_and_non_square(release, tmp_path, width, height):
+    proc = run_sample(release, tmp_path, "--width", str(width), "--height", str(height))
+    assert proc.returncode == 0, proc.stderr
+    (png,) = tmp_path.glob("*.png")
+    assert Image.open(png).size == (width, height)
+
+
+def test_i2i_task_with_reference(release, tmp_path):
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(ref)
+    proc = run_sample(release, tmp_path, "--task", "depth", "--ref", str(ref), "--width", "64", "--height", "128")
+    assert proc.returncode == 0, proc.stderr
+    whole = [p for p in tmp_path.glob("*depth*.png") if "lower" not in p.name]
+    assert Image.open(whole[0]).size == (64, 128)
+    assert Image.open(next(tmp_path.glob("*_lower.png"))).size == (64, 64)
+
+
+def test_sequence_is_exactly_the_official_layout(release):
+    """start 151665, size tokens, EOL 151670 after every row, end 151666, codes in 155000-171383."""
+    folder, vq, vq_config = release
+    system = load_system(folder, vq, vq_config=vq_config)
+    layout = system.layout
+    assert system.defaults == {"cfg": 4.0, "top_k": 4096, "temperature": 1.0}
+    width, height = 96, 64
+    prefix = prompt_ids(system.tokenizer, layout, t2i_prompt("a red star", width, height)) + \
+        image_header_ids(height, width, layout)
+    plan = image_body_plan(height // 8, width // 8, layout)
+    tokens, _ = generate(system.model, layout, prefix, unconditional_ids(prefix, layout), plan,
+                         num_samples=3, cfg_scale=4.0, top_k=4096, generator=torch.Generator().manual_seed(0))
+    for row in tokens.tolist():
+        block = prefix[prefix.index(151665):] + row
+        assert block[0] == 151665 and block[-1] == 151666
+        assert system.tokenizer.hf.id_to_token(block[1]) == "<reserved08802>"  # 64 px = 2 grids, height first
+        assert system.tokenizer.hf.id_to_token(block[2]) == "<reserved08803>"  # 96 px = 3 grids
+        body = np.array(block[3:-1]).reshape(8, 13)
+        assert (body[:, -1] == 151670).all()
+        assert ((body[:, :-1] >= 155000) & (body[:, :-1] <= 171383)).all()
+    assert prefix[0] == 151643 and unconditional_ids(prefix, layout)[0] == 151665
+
+
+def test_missing_codec_is_one_line(release, tmp_path):
+    folder, _, _ = release
+    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(folder), "--prompt", "a star",
+                           "--vq", str(tmp_path / "nope.ckpt")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--vq" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tokenizer_without_image_tokens(release, tmp_path):
+    folder, vq, vq_config = release
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in folder.iterdir():
+        if f.is_file():
+            (broken / f.name).symlink_to(f)
+    tj = json.loads((folder / "tokenizer.json").read_text())
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != "<racm3:break>"]
+    tj["model"]["vocab"].pop("<racm3:break>")
+    (broken / "tokenizer.json").unlink()
+    (broken / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match="image_start"):
+        load_system(broken, vq, vq_config=vq_config)
+
+
+def test_config_checkpoint_mismatch(release, tmp_path):
+    folder, vq, vq_config = release
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in folder.iterdir():
+        if f.is_file() and f.name != "config.json":
+            (other / f.name).symlink_to(f)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="missing: layers.2"):
+        load_system(other, vq, vq_config=vq_config)
+
+
+def test_image_beyond_max_position_embeddings(release, tmp_path):
+    proc = run_sample(release, tmp_path, "--width", "512", "--height", "512")
+    assert proc.returncode != 0 and "exceed the model's context of 1024 tokens" in proc.stderr and "Traceback" not in proc.stderr
