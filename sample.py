@@ -160,8 +160,11 @@ def generate(model, layout, prefix, uncond_prefix, plan, *, num_samples=1, cfg_s
         logits = prefill(model, idx, key_mask)
         if sjd_window:
             from sjd import sjd_generate
-            return sjd_generate(model, logits, plan, len(prefix), key_mask, probs_fn, generator=generator,
-                                window=sjd_window, init=sjd_init, use_cfg=use_cfg, layout=layout)
+            tokens, stats = sjd_generate(model, logits, plan, len(prefix), key_mask, probs_fn, generator=generator,
+                                         window=sjd_window, init=sjd_init, use_cfg=use_cfg, layout=layout,
+                                         compile=compile)
+            model.clear_caches()
+            return tokens, stats
         step = decode_one_token
         if compile:  # one graph for all steps: shapes never change with a static cache
             step = torch.compile(decode_one_token, mode="reduce-overhead" if device.type == "cuda" else None,
@@ -225,7 +228,7 @@ def load_reference(path, width, height):
     return center_crop(image, width, height)
 
 
-def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=None, num_samples=1, cfg=None,
+def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=None, subject=None, num_samples=1, cfg=None,
                   top_k=None, temperature=None, seed=0, sjd_window=0, sjd_init="random", compile=False,
                   progress=False):
     """-> (list of PIL images: the whole image, dual panels included; stats dict with the codes)."""
@@ -241,7 +244,9 @@ def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=No
     check_size(system, width, height, task)
     layout, down = system.layout, system.layout.downsample
     code_h, code_w = height // down, width // down
-    text = task_prompt(task, prompt, width, height)
+    if task == "subject" and not subject:
+        raise ValueError("task subject needs --subject, what the reference shows (e.g. 'a purple circle')")
+    text = task_prompt(task, prompt, width, height, subject=subject)
     plan = image_body_plan(code_h, code_w, layout)
     if task == "t2i":
         prefix = prompt_ids(system.tokenizer, layout, text) + image_header_ids(height, width, layout)
@@ -325,6 +330,7 @@ def main(argv=None):
     p.add_argument("--prompt", required=True)
     p.add_argument("--task", default="t2i", help=f"one of {', '.join(TASKS)}")
     p.add_argument("--ref", help="reference image: the upper panel of a dual-panel task")
+    p.add_argument("--subject", help="task subject: a description of the object in --ref")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int, help="for tasks: the whole dual panel (two panels high)")
     p.add_argument("--cfg", type=float, help="CFG scale (default: official 4.0 or the checkpoint's)")
@@ -356,7 +362,7 @@ def main(argv=None):
         print(f"prompt rewritten: {prompt}")
     n = max(args.num_samples, args.best_of)
     images, stats = sample_images(system, prompt, width=args.width, height=args.height, task=args.task,
-                                  ref=args.ref, num_samples=n, cfg=args.cfg, top_k=args.top_k,
+                                  ref=args.ref, subject=args.subject, num_samples=n, cfg=args.cfg, top_k=args.top_k,
                                   temperature=args.temperature, seed=args.seed,
                                   sjd_window=args.sjd_window if args.sjd else 0, sjd_init=args.sjd_init,
                                   compile=args.compile, progress=True)
