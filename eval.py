@@ -93,6 +93,7 @@ def score_samples(system, rows, n, best_of, size, seed, sampling):
         task, (width, height) = row.get("task", "t2i"), panel_size(row, size)
         images, _ = sample_images(system, row["prompt"], width=width, height=height * (1 if task == "t2i" else 2),
                                   task=task, ref=row.get("ref"), subject=row.get("subject"),
+                                  dense_map=row.get("dense_map", "segmentation map"),
                                   num_samples=n * best_of, seed=seed + i, **sampling)
         scores = [shapes.verify(im, row) for im in images]
         groups = np.array(scores).reshape(n, best_of)  # (n, K): group g holds draws g*K .. g*K+K-1

@@ -228,7 +228,8 @@ def load_reference(path, width, height):
     return center_crop(image, width, height)
 
 
-def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=None, subject=None, num_samples=1, cfg=None,
+def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=None, subject=None,
+                  dense_map="segmentation map", num_samples=1, cfg=None,
                   top_k=None, temperature=None, seed=0, sjd_window=0, sjd_init="random", compile=False,
                   progress=False):
     """-> (list of PIL images: the whole image, dual panels included; stats dict with the codes)."""
@@ -246,7 +247,7 @@ def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=No
     code_h, code_w = height // down, width // down
     if task == "subject" and not subject:
         raise ValueError("task subject needs --subject, what the reference shows (e.g. 'a purple circle')")
-    text = task_prompt(task, prompt, width, height, subject=subject)
+    text = task_prompt(task, prompt, width, height, subject=subject, dense_map=dense_map)
     plan = image_body_plan(code_h, code_w, layout)
     if task == "t2i":
         prefix = prompt_ids(system.tokenizer, layout, text) + image_header_ids(height, width, layout)
