@@ -125,6 +125,11 @@ def sjd_generate(model, logits, plan, start_pos, key_mask, probs_fn, *, generato
     stats = {"window": L, "init": init, "forward_passes": 1, "tokens": n}
     if n == 1:
         return seq, {**stats, "mean_accepted": 0.0, "step_compression": 1.0}
+    if L < 2:  # one token after the prefill's: nothing to speculate on, one plain step
+        idx = seq[:, :1]
+        out = step(model, torch.cat([idx, idx]) if use_cfg else idx, torch.tensor([start_pos], device=device), key_mask)
+        seq[:, 1] = draw(target(out, plan[1:2]), generator)[:, 0]
+        return seq, {**stats, "forward_passes": 2, "mean_accepted": 1.0, "step_compression": 1.0}
     # The window [w0, w0+L) holds the outputs of a pass: tokens w0..w0+L-1, fed tokens w0-1..w0+L-2.
     # It starts at the slowest row's frontier and stops at the last token: near the end it slides
     # back over final tokens (rewriting the same K/V) instead of shrinking or running off the cache,

@@ -202,3 +202,16 @@ def test_top_n_sigma_is_opt_in(toy):
         full = model(torch.cat([idx, tokens], 1))[:, len(TOY_PREFIX) - 1:-1]  # (1, n, V)
     allowed = sjd.filter_top_n_sigma(probs_fn(full, plan), 0.5)
     assert bool((allowed.gather(-1, tokens[..., None]) > 0).all()) and stats["forward_passes"] <= len(plan)
+
+
+def test_two_token_plan_falls_back_to_one_plain_step(system):
+    """A plan of two tokens leaves no room for drafts: SJD takes one plain step and matches greedy."""
+    import sample
+    layout = system.layout
+    plan = torch.tensor([-1, layout.eol_id])
+    prefix = [layout.bos_id, layout.image_start_id, layout.size_id(32), layout.size_id(32)]
+    uncond = prefix[1:]
+    kw = dict(num_samples=2, cfg_scale=3.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    plain, _ = sample.generate(system.model, layout, prefix, uncond, plan, **kw)
+    fast, stats = sample.generate(system.model, layout, prefix, uncond, plan, sjd_window=16, **kw)
+    assert torch.equal(plain, fast) and stats["forward_passes"] == 2
