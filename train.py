@@ -42,6 +42,7 @@ data_dir = "data/shapes"
 model_name = "shapes"        # a ModelConfig preset; vocab_size comes from the data's meta.json
 max_seq_len = 0              # 0: the preset's; stage 3 (768 px) needs > 9,316 tokens
 batch_size = 16              # sequences per micro-batch per process
+length_buckets = 4           # draw each batch from one of this many groups of similar length
 gradient_accumulation_steps = 1
 max_iters = 2000
 learning_rate = 2e-4         # paper stage 1
@@ -128,19 +129,28 @@ def log(*args):
 # -----------------------------------------------------------------------------
 # data: variable-length sequences, right-padded per batch. Padding (not packing) keeps every
 # sequence's positions starting at 0 as at inference; the pad positions carry loss mask 0 and,
-# being at the right, are never attended to by real tokens under the causal mask.
-train_data = load_shards(data_dir, "train")
-val_data = load_shards(data_dir, "val")
+# being at the right, are never attended to by real tokens under the causal mask. To waste little
+# on padding, each batch is drawn from one of `length_buckets` equal-count groups of similar
+# length (a 64-px T2I example is ~100 tokens, a dual panel ~200); with equal counts and a
+# uniformly chosen group, every example is still drawn with the same probability.
+def load_split(split):
+    ids, mask, offsets = load_shards(data_dir, split)
+    order = np.argsort(np.diff(offsets), kind="stable")
+    return ids, mask, offsets, np.array_split(order, min(length_buckets, len(order)))
+
+
+train_data, val_data = load_split("train"), load_split("val")
 meta_vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
 
 
 def get_batch(data, step, micro_step, split_seed):
     """The batch is a pure function of (seed, step, global micro-batch index): resuming at a step
     reproduces the data exactly, and N ranks x 1 micro-batch see what 1 rank x N micro-batches sees."""
-    ids, mask, offsets = data
+    ids, mask, offsets, buckets = data
     global_micro = micro_step * world_size + rank
     rng = np.random.default_rng([seed, split_seed, step, global_micro])
-    rows = rng.integers(0, len(offsets) - 1, size=batch_size)
+    bucket = buckets[rng.integers(len(buckets))]
+    rows = bucket[rng.integers(0, len(bucket), size=batch_size)]
     limit = model_config.max_seq_len + 1  # official: truncate to the context length
     seqs = [(ids[offsets[r]:offsets[r + 1]][:limit], mask[offsets[r]:offsets[r + 1]][:limit]) for r in rows]
     T = max(len(s) for s, _ in seqs)
