@@ -13,9 +13,10 @@ and it imports nothing from the rest of the project.
     codes = codec.encode(x)                                # x [B,3,H,W] in [-1,1] -> [B,H/8,W/8]
     x_rec = codec.decode(codes)                            # -> [B,3,H,W], unclamped
 
-Train the shapes codec (resumable; writes out/vq_shapes/{ckpt.pt,vq.safetensors,vq.json}):
+Train the shapes codec (writes out/vq_shapes/{ckpt.pt,vq.safetensors,vq.json,report.json}; 5000
+steps at ~1 step/s on 2 shared CPU cores; --resume continues a stopped run exactly):
 
-    python vq.py --config=shapes --out_dir=out/vq_shapes          # add --resume to continue
+    python vq.py --config=shapes --out_dir=out/vq_shapes --threads=1
 """
 import json
 import math

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from vq import MoVQGAN, TrainConfig, VQConfig, VectorQuantizer, center_crop, pil_to_tensor, ssim, \
+from vq import MoVQGAN, TrainConfig, VQConfig, VectorQuantizer, center_crop, mosaic, pil_to_tensor, ssim, \
     tensor_to_pil, train
 
 KEYS_270M = Path(__file__).parent / "data" / "movqgan_270M_keys.txt"  # copy of shared/specs/
@@ -267,6 +267,15 @@ def test_ssim_matches_a_direct_windowed_computation():
             cab = (w * (pa - ma) * (pb - mb)).sum()
             vals.append((2 * ma * mb + 1e-4) * (2 * cab + 9e-4) / ((ma**2 + mb**2 + 1e-4) * (va + vb + 9e-4)))
     assert abs(ssim(x, y).item() - np.mean(vals)) < 1e-5
+
+
+def test_mosaic_tiles_panels_row_major():
+    """Training mosaics put panel k at row k // cols, column k % cols (dual panels: upper, lower)."""
+    x = torch.randn(8, 3, 4, 4)
+    assert torch.equal(mosaic(x, 2, 1)[1], torch.cat([x[2], x[3]], dim=1))
+    quad = mosaic(x, 2, 2)
+    assert quad.shape == (2, 3, 8, 8)
+    assert torch.equal(quad[1], torch.cat([torch.cat([x[4], x[5]], 2), torch.cat([x[6], x[7]], 2)], 1))
 
 
 def test_training_reduces_loss_and_resumes_exactly(tmp_path):
