@@ -125,7 +125,7 @@ def random_layout(vocab_size):
 def setup(args, device, dtype):
     """(model, layout, image side, sampling defaults, prompt ids): a checkpoint's, or random ones."""
     if args.ckpt:
-        system = load_system(args.ckpt, args.vq, str(device), dtype)
+        system = load_system(args.ckpt, args.vq, str(device), dtype, vq_config=args.vq_config)
         size = args.size or system.size
         prefix = prompt_ids(system.tokenizer, system.layout, t2i_prompt(args.prompt, size, size))
         return system.model, system.layout, size, system.defaults, prefix
@@ -297,6 +297,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, help="keep only this many layers (a slice of 2B/7B for a CPU)")
     p.add_argument("--ckpt", help="a checkpoint folder (ours or official) instead of random weights")
     p.add_argument("--vq", help="the codec an official --ckpt needs (sample.load_system loads it)")
+    p.add_argument("--vq_config", help="codec config (preset name or JSON) when --vq is not a released size")
     p.add_argument("--prompt", default="a photo of a red circle left of a blue square", help="with --ckpt")
     p.add_argument("--size", type=int, help="image side in pixels (default: 64 tiny, 128 shapes, else 768)")
     p.add_argument("--steps", type=int, help="decode steps to time, a partial image is fine (default 32); "

@@ -154,6 +154,7 @@ def main(argv=None):
     p.add_argument("--prompts", default="data/shapes/eval_prompts.jsonl", help="a prompt-set JSONL (shapes.md)")
     p.add_argument("--ckpt", default=str(ASSETS), help="checkpoint folder (sample.load_system)")
     p.add_argument("--vq", help="codec: its folder or official file (default: the one in --ckpt)")
+    p.add_argument("--vq_config", help="codec config (preset name or JSON) when --vq is not a released size")
     p.add_argument("--n", type=int, default=4, help="samples per prompt (GenEval draws 4)")
     p.add_argument("--best_of", type=int, default=1, help="K: draw n groups of K, keep each group's best")
     p.add_argument("--codec", action="store_true", help="score the codec alone: PSNR/SSIM/usage and the ceiling")
@@ -183,7 +184,7 @@ def main(argv=None):
         size, columns = args.size or shapes.PANEL, {}
         record["codec_quality"] = codec_quality(codec, args.codec_images, size)
     else:
-        system = load_system(args.ckpt, args.vq, args.device, getattr(torch, args.dtype))
+        system = load_system(args.ckpt, args.vq, args.device, getattr(torch, args.dtype), vq_config=args.vq_config)
         codec, size = system.codec, args.size or system.size
         sampling = {"cfg": args.cfg, "top_k": args.top_k, "temperature": args.temperature}
         samples, shown = score_samples(system, rows, args.n, args.best_of, size, args.seed, sampling)

@@ -111,3 +111,23 @@ def test_config_checkpoint_mismatch(release, tmp_path):
 def test_image_beyond_max_position_embeddings(release, tmp_path):
     proc = run_sample(release, tmp_path, "--width", "512", "--height", "512")
     assert proc.returncode != 0 and "exceed the model's context of 1024 tokens" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_eval_and_bench_run_on_the_release(release, tmp_path):
+    """eval.py and bench.py take the same official folder + codec as sample.py."""
+    import shapes
+    folder, vq, vq_config = release
+    prompts = tmp_path / "prompts.jsonl"
+    shapes.write_prompt_set(prompts, shapes.eval_t2i_specs()[:2])
+    common = ["--ckpt", str(folder), "--vq", str(vq), "--vq_config", str(vq_config), "--threads", "1"]
+    proc = subprocess.run([sys.executable, "eval.py", "--prompts", str(prompts), "--n", "1", "--size", "64",
+                           "--out_dir", str(tmp_path / "eval")] + common,
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "eval" / "eval.json").exists()
+    proc = subprocess.run([sys.executable, "bench.py", "--size", "64", "--steps", "4", "--variants", "static,sjd",
+                           "--json", str(tmp_path / "bench.json")] + common,
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record
