@@ -144,9 +144,11 @@ class TokenLayout:
 
 def _special_ids(tokenizer):
     """({field: id} of the five special tokens, size token ids for n = 1, 2, ... as far as present)."""
-    ids = {f: tokenizer.token_to_id(s) for f, s in (("bos_id", BOS), ("image_start_id", IMAGE_START),
-                                                   ("image_end_id", IMAGE_END), ("eol_id", EOL), ("sep_id", SEP))}
-    missing = [f for f, i in ids.items() if i is None] + ([] if tokenizer.token_to_id(size_token(1)) else ["size tokens"])
+    names = (("bos_id", BOS), ("image_start_id", IMAGE_START), ("image_end_id", IMAGE_END), ("eol_id", EOL),
+             ("sep_id", SEP))
+    ids = {f: tokenizer.token_to_id(s) for f, s in names}
+    missing = [f"{s} ({f})" for f, s in names if ids[f] is None]
+    missing += [] if tokenizer.token_to_id(size_token(1)) else [f"size tokens {size_token(1)}..."]
     if missing:
         raise ValueError(f"tokenizer lacks {missing}: it must carry the special strings of sequence.py")
     sizes = [tokenizer.token_to_id(size_token(n)) for n in range(1, MAX_GRIDS + 1)]

@@ -90,7 +90,7 @@ def test_tokenizer_without_image_tokens(release, tmp_path):
     tj["model"]["vocab"].pop("<racm3:break>")
     (broken / "tokenizer.json").unlink()
     (broken / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(ValueError, match="image_start"):
+    with pytest.raises(ValueError, match="racm3:break"):
         load_system(broken, vq, vq_config=vq_config)
 
 
