@@ -16,13 +16,7 @@ from sequence import train_tokenizer
 from vq import MoVQGAN, VQConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model on a shared 2-core machine runs several times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,7 @@ TOY_SAMPLING = dict(cfg_scale=2.0, top_k=3, temperature=1.0)  # top-k 3 of 4: p(
 POSITIONS = [(1, 2, 4), (5, 6, 8)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: thread hand-offs cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def exact_joint(model, plan, positions):
