@@ -55,3 +55,20 @@ def test_untrained_model_fails_the_same_check(system):
     untrained = Transformer(system.model.config).eval()
     random_system = type(system)(**{**vars(system), "model": untrained})
     assert all(draws_accepted(random_system, prompt) < MUST_ACCEPT for prompt in SIMPLE_PROMPTS)
+
+
+@pytest.mark.parametrize("argv, size", [
+    (["--prompt", "a red circle left of a blue square"], (64, 64)),
+    (["--task", "edge", "--ref", str(ASSETS / "refs" / "edges.png"), "--prompt", "a red star"], (64, 128)),
+])
+def test_readme_commands_run_on_the_shipped_assets(one_thread, tmp_path, argv, size):
+    """The README's first T2I command and its --task example, on what a fresh clone holds."""
+    from PIL import Image
+
+    import sample
+    sample.main(argv + ["--out", str(tmp_path)])
+    written = sorted(tmp_path.glob("*_s0_0.png"))
+    assert len(written) == 1 and Image.open(written[0]).size == size
+    if "--task" in argv:  # a task also writes its lower panel, the answer, on its own
+        lower = Image.open(tmp_path / (written[0].stem + "_lower.png"))
+        assert lower.size == (64, 64)
