@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import shapes
 from model import Transformer
-from sample import load_system, sample_images
+from sample import load_system, main, sample_images
 from vq import MoVQGAN
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -63,10 +64,7 @@ def test_untrained_model_fails_the_same_check(system):
 ])
 def test_readme_commands_run_on_the_shipped_assets(one_thread, tmp_path, argv, size):
     """The README's first T2I command and its --task example, on what a fresh clone holds."""
-    from PIL import Image
-
-    import sample
-    sample.main(argv + ["--out", str(tmp_path)])
+    main(argv + ["--out", str(tmp_path)])
     written = sorted(tmp_path.glob("*_s0_0.png"))
     assert len(written) == 1 and Image.open(written[0]).size == size
     if "--task" in argv:  # a task also writes its lower panel, the answer, on its own
