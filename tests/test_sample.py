@@ -117,7 +117,7 @@ def test_reference_panel_is_kept_exactly(system, tmp_path):
     ref.save(tmp_path / "ref.png")
     images, stats = sample_images(system, "a green star", task="edge", ref=str(tmp_path / "ref.png"),
                                   num_samples=3, seed=2)
-    expected = system.codec.encode(torch.from_numpy(np.asarray(ref)).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    expected = system.codec.encode(torch.from_numpy(np.array(ref)).permute(2, 0, 1)[None].float() / 127.5 - 1)
     assert images[0].size == (64, 128)
     assert torch.equal(stats["codes"][:, :8], expected.expand(3, -1, -1))
 
