@@ -217,8 +217,6 @@ def bench_decode(args, model, layout, size, sampling, prefix, device):
         if reason or ("int4" in variant and int4_problem):
             results[variant] = {"skipped": reason or int4_problem}
             continue
-            results[variant] = {"skipped": reason}
-            continue
         try:
             r = run_variant(variant, model, layout, prefix, plan, num_samples, cfg_scale, sampling, device)
         except Exception as e:  # one variant never stops the others; say what broke
