@@ -1,20 +1,24 @@
 """Our checkpoint format, in one place: `<name>.safetensors` (weights) + `<name>.json` (a dataclass
-config), each written atomically and read strictly.
-
-What it is: the one helper that model.py, vq.py, quant.py, train.py and train_vq.py use to write
-and read weights, so "atomic" and "strict" mean the same thing everywhere (docs/checkpoints.md).
-What it is not: the official HF-layout reader (model.py and vq.py own those key maps).
+config), written atomically and read strictly by every file that saves weights (docs/checkpoints.md).
+What it is not: a key map for the official layouts (model.py and vq.py own those).
 """
 import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MAX_LISTED = 5  # keys named per kind of problem in an error message
+
 
 def atomic_write(path, write):
     """Call `write(tmp_path)`, then rename onto `path`: a reader or a crash never sees half a file.
     The temp name carries the pid, so a killed run's leftover cannot collide with a live one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -25,12 +29,14 @@ def atomic_write(path, write):
 
 def save(folder, name, state_dict, config):
     """Write `<name>.safetensors` then `<name>.json` (the config dataclass) into `folder`."""
-    from safetensors.torch import save_file
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     atomic_write(folder / f"{name}.safetensors", lambda p: save_file(state, str(p)))
-    atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
+    write_config(folder / f"{name}.json", config)
+
+
+def write_config(path, config):
+    atomic_write(path, lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
 
 
 def read_config(path, cls):
@@ -53,7 +59,6 @@ def read_config(path, cls):
 
 def tensor_shapes(file):
     """{key: shape} from a safetensors header, without reading the tensors."""
-    from safetensors import safe_open
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -72,7 +77,29 @@ def check_keys(expected, found, what="checkpoint"):
                  for k in sorted(set(expected) & set(found)) if tuple(found[k]) != tuple(expected[k])]
     if missing or unexpected or misshaped:
         def few(xs):
-            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+            return ", ".join(xs[:MAX_LISTED]) + (f" (+{len(xs) - MAX_LISTED} more)" if len(xs) > MAX_LISTED else "")
         problems = [f"{label}: {few(xs)}" for label, xs in
                     (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if xs]
         raise ValueError(f"{what} does not match the config; " + "; ".join(problems))
+
+
+def load_into(tensors, files, what="checkpoint", ignore=()):
+    """Strict streaming load into `tensors` ({key: tensor}): check every key and shape in the files'
+    headers (keys starting with `ignore` skipped), then copy one tensor at a time."""
+    found = {k: shape for file in files for k, shape in tensor_shapes(file).items() if not k.startswith(ignore)}
+    check_keys({k: tuple(t.shape) for k, t in tensors.items()}, found, what)
+    with torch.no_grad():
+        for file in files:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in sorted(tensors.keys() & set(f.keys())):
+                    tensors[key].copy_(f.get_tensor(key))
+
+
+def safetensors_files(folder):
+    """A Hugging Face folder's weight files: the shards its index names, or model.safetensors."""
+    folder = Path(folder)
+    if (index := folder / "model.safetensors.index.json").is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")

@@ -1,29 +1,36 @@
 """The Lumina-mGPT 2.0 transformer: a Chameleon-style decoder with a static KV cache.
 
-What it is: the decoder-only autoregressive model of Lumina-mGPT 2.0 (arXiv 2507.17801, §3.1,
-Table 2), trained from scratch on text + image-code tokens. Pre-norm RMSNorm (fp32), SwiGLU MLP,
-per-head q/k LayerNorm applied before 1-D rotary embeddings, optional swin-norm, GQA, no biases,
-untied lm_head. Key names and shapes follow the official checkpoint
-(../shared/specs/lumina_mgpt2.md §1): our module names are the official ones minus "model.".
-
+What it is: the decoder-only model of Lumina-mGPT 2.0 (arXiv 2507.17801, §3.1, Table 2): pre-norm
+RMSNorm, SwiGLU, per-head q/k LayerNorm before 1-D RoPE, optional swin-norm, GQA, no biases, untied
+lm_head; parameter names are the official checkpoint's minus "model." (docs/architecture.md).
 What it is not: a tokenizer (sequence.py), a sampler (sample.py) or a trainer (train.py).
 
-Two ways to call it:
-  model(idx)              the plain training forward, causal attention, no cache.
-  model(idx, input_pos)   after model.setup_caches(B, T): writes K/V at input_pos and attends to
-                          every earlier position. Prefill, one-token decode and k-token verify
-                          (speculative decoding) are the same call; rewinding is writing at an
-                          earlier input_pos. Nothing is allocated per step, so the step compiles
-                          into one CUDA graph.
+  model(idx)             the training forward: causal attention, no cache.
+  model(idx, input_pos)  after setup_caches(B, T): write K/V at input_pos, attend to the cache;
+                         prefill, decode, a k-token verify and a rewind are all this one call.
 """
 import json
-import os
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import checkpoint
+
+QK_NORM_EPS = 1e-5  # the official q/k LayerNorm's eps (docs/architecture.md §4)
+INIT_STD = 0.02     # HF initializer_range, the official from-scratch init (docs/architecture.md §3)
+HF_DEFAULT_CONTEXT = 4096  # HF Chameleon's max_position_embeddings when config.json omits it
+UNUSED_VQ_PREFIX = "model.vqmodel."  # an unused Chameleon VQ some releases carry (docs/checkpoints.md §2)
+# our config field -> the official config.json name; HF_FIXED: what every official config.json says
+HF_NAMES = dict(vocab_size="vocab_size", dim="hidden_size", intermediate_size="intermediate_size",
+                n_layer="num_hidden_layers", n_head="num_attention_heads", n_kv_head="num_key_value_heads",
+                max_seq_len="max_position_embeddings", rms_norm_eps="rms_norm_eps", rope_theta="rope_theta",
+                qk_norm_groups="model_parallel_size", swin_norm="swin_norm", dropout="dropout")
+HF_FIXED = dict(architectures=["ChameleonXLLMXForConditionalGeneration"], model_type="chameleon", rope_scaling=None,
+                hidden_act="silu", attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
 
 
 @dataclass
@@ -53,37 +60,22 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, d):
-        """Read an official config.json dict; values the paper does not print come from here."""
+        """Read an official config.json dict (docs/architecture.md §2)."""
         if d.get("rope_scaling"):
-            raise ValueError(f"config.json asks for rope_scaling={d['rope_scaling']}, which this model does not implement")
+            raise ValueError(f"config.json asks for rope_scaling={d['rope_scaling']}, which we do not implement")
         if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
             raise ValueError("config.json describes a different architecture (needs silu, no attention/mlp bias)")
-        return cls(vocab_size=d["vocab_size"], dim=d["hidden_size"], intermediate_size=d["intermediate_size"],
-                   n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
-                   n_kv_head=d.get("num_key_value_heads") or d["num_attention_heads"],
-                   max_seq_len=d.get("max_position_embeddings", 4096), rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-                   rope_theta=d.get("rope_theta", 10000.0), qk_norm_groups=d.get("model_parallel_size", 1),
-                   swin_norm=d.get("swin_norm", False), dropout=d.get("dropout", 0.0))
+        values = {ours: d[hf] for ours, hf in HF_NAMES.items() if d.get(hf) is not None}
+        return cls(**{"n_kv_head": d["num_attention_heads"], "max_seq_len": HF_DEFAULT_CONTEXT, **values})
 
     def to_hf_config(self):
-        """The official config.json fields for this config (what from_hf_config reads back)."""
-        return {"architectures": ["ChameleonXLLMXForConditionalGeneration"], "model_type": "chameleon",
-                "vocab_size": self.vocab_size, "hidden_size": self.dim, "intermediate_size": self.intermediate_size,
-                "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
-                "num_key_value_heads": self.n_kv_head, "max_position_embeddings": self.max_seq_len,
-                "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": None,
-                "model_parallel_size": self.qk_norm_groups, "swin_norm": self.swin_norm, "dropout": self.dropout,
-                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+        return {**HF_FIXED, **{hf: getattr(self, ours) for ours, hf in HF_NAMES.items()}}
 
 
-PRESETS = {
-    # paper Table 2; 7,880,273,920 and 2,849,617,920 parameters with the untied head
+PRESETS = {  # 7B, 2B: paper Table 2; shapes: the model we ship (vocab from its data); tiny: tests, GQA on
     "7B": dict(vocab_size=171385, dim=4096, intermediate_size=11008, n_layer=32, n_head=32, n_kv_head=32),
     "2B": dict(vocab_size=171385, dim=2048, intermediate_size=8192, n_layer=32, n_head=32, n_kv_head=32),
-    # the reduced-scale model we ship; vocab_size is set from the shapes data (tokenizer + codebook)
-    "shapes": dict(vocab_size=2600, dim=384, intermediate_size=1024, n_layer=8, n_head=6, n_kv_head=6,
-                   max_seq_len=512),
-    # tests: small but with every feature on (GQA 4 -> 2 heads)
+    "shapes": dict(vocab_size=2600, dim=384, intermediate_size=1024, n_layer=8, n_head=6, n_kv_head=6, max_seq_len=512),
     "tiny": dict(vocab_size=512, dim=64, intermediate_size=128, n_layer=2, n_head=4, n_kv_head=2, max_seq_len=256),
 }
 
@@ -94,16 +86,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        # official: normalise in fp32, cast back, then scale (Llama-style)
+    def forward(self, x):  # as official: normalise in fp32, cast back, then scale
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class QKNorm(nn.Module):
     """Chameleon's per-head LayerNorm: plain LayerNorm over head_dim, then an affine whose
-    [groups, head_dim] rows are shared by consecutive heads (lumina_mgpt2.md §1.4)."""
+    [groups, head_dim] rows are shared by consecutive heads (docs/architecture.md §4)."""
 
     def __init__(self, groups, head_dim, n_heads):
         super().__init__()
@@ -114,10 +104,8 @@ class QKNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(groups, head_dim))
 
     def forward(self, x):  # (B, T, n_heads, head_dim)
-        x = F.layer_norm(x, x.shape[-1:], eps=1e-5)
-        weight = self.weight.repeat_interleave(self.heads_per_group, 0)  # (n_heads, head_dim)
-        bias = self.bias.repeat_interleave(self.heads_per_group, 0)
-        return x * weight + bias
+        weight, bias = (p.repeat_interleave(self.heads_per_group, 0) for p in (self.weight, self.bias))  # (nh, hd)
+        return F.layer_norm(x, x.shape[-1:], eps=QK_NORM_EPS) * weight + bias
 
 
 def rope_tables(seq_len, head_dim, theta):
@@ -169,9 +157,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-        if self.n_kv_head != self.n_head:
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if self.n_kv_head != self.n_head:  # GQA: each K/V head serves n_head / n_kv_head query heads
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -190,15 +177,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.swin_norm = cfg.swin_norm
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.swin_norm, self.self_attn, self.mlp = cfg.swin_norm, Attention(cfg), MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.rms_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, mask, input_pos):
-        if self.swin_norm:  # norm on the sub-block output (lumina_mgpt2.md §1.3)
+        if self.swin_norm:  # norm on the sub-block output (docs/architecture.md §3)
             h = x + self.dropout(self.input_layernorm(self.self_attn(x, cos, sin, mask, input_pos)))
             return h + self.dropout(self.post_attention_layernorm(self.mlp(h)))
         h = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos))
@@ -216,7 +201,9 @@ class Transformer(nn.Module):
         self.causal_mask = None
         self.reset_rope()
         if self.embed_tokens.weight.device.type != "meta":
-            self.apply(self._init_weights)
+            for module in self.modules():  # no biases anywhere, so the weights are all there is
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
 
     def reset_rope(self):
         """(Re)compute the rotary tables; needed again after `to_empty` leaves buffers garbage."""
@@ -225,12 +212,6 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(device), persistent=False)
         self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
-    @staticmethod
-    def _init_weights(module):
-        # official starting point: HF post_init, normal(0, initializer_range=0.02), no biases
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
@@ -238,13 +219,11 @@ class Transformer(nn.Module):
         if max_seq_length > self.config.max_seq_len:
             raise ValueError(f"cache of {max_seq_length} tokens exceeds the model's max_seq_len "
                              f"{self.config.max_seq_len}; ask for a smaller image")
-        dtype, device = self.lm_head.weight.dtype, self.lm_head.weight.device
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):  # e.g. int4-packed weights
-            dtype = self.embed_tokens.weight.dtype
+        weight = self.embed_tokens.weight  # the activations' dtype: never int4 (docs/int4.md §3)
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_kv_head,
-                                               self.config.head_dim, dtype).to(device)
-        self.causal_mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril()
+                                               self.config.head_dim, weight.dtype).to(weight.device)
+        self.causal_mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=weight.device).tril()
 
     def clear_caches(self):
         for layer in self.layers:
@@ -252,13 +231,8 @@ class Transformer(nn.Module):
         self.causal_mask = None
 
     def forward(self, idx, input_pos=None, key_mask=None):
-        """idx (B, T) token ids -> fp32 logits (B, T, vocab). input_pos (T,) only with caches.
-
-        key_mask (B, S) bool, optional with caches: cache entries each row may see at all. CFG uses
-        it to run the unconditional context (which starts at the image start token) left-padded in
-        the same batch as the conditional one: RoPE depends only on relative positions, so hiding
-        the pads gives exactly the official separate unconditional forward.
-        """
+        """idx (B, T) -> fp32 logits (B, T, vocab). With caches: input_pos (T,), and optionally key_mask
+        (B, S) bool, the cache entries each row may see at all (CFG's left pad, docs/sampling.md §3)."""
         if (input_pos is None) != (self.causal_mask is None):
             raise RuntimeError("pass input_pos exactly when caches are set up (model.setup_caches)")
         if input_pos is None:
@@ -275,93 +249,45 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, input_pos)
         return self.lm_head(self.norm(x)).float()
 
-    # ---- checkpoints: ours (safetensors + JSON config) and the official HF layout ----
+    # ---- checkpoints: ours and the official HF layout (docs/checkpoints.md) ----
 
     def save_pretrained(self, folder):
-        save_weights(folder, self.state_dict(), self.config)
+        checkpoint.save(folder, "model", self.state_dict(), self.config)
 
     @classmethod
     def load(cls, folder, device="cpu", dtype=torch.float32):
         """Load our own checkpoint folder (model.json + model.safetensors)."""
-        folder = Path(folder)
-        if not (folder / "model.json").is_file():
-            raise FileNotFoundError(f"{folder} has no model.json; is it a nanoLumina checkpoint folder?")
-        known = {f.name for f in fields(ModelConfig)}
-        config = ModelConfig(**{k: v for k, v in json.loads((folder / "model.json").read_text()).items() if k in known})
-        return cls._load_streaming(config, [folder / "model.safetensors"], lambda key: key, device, dtype)
+        config = checkpoint.read_config(Path(folder) / "model.json", ModelConfig)
+        return cls._load_streaming(config, [Path(folder) / "model.safetensors"], lambda name: name, device, dtype)
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=torch.bfloat16):
-        """Load an official HF-layout folder: config.json + model.safetensors(.index.json + shards)."""
+        """Load an official HF-layout folder: config.json + model.safetensors (or an index + shards)."""
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json; expected an official Lumina-mGPT 2.0 folder")
         config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            files = [folder / s for s in shards]
-        elif (folder / "model.safetensors").is_file():
-            files = [folder / "model.safetensors"]
-        else:
-            raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
-
-        def official_to_ours(key):
-            if key.startswith("model.vqmodel."):
-                return None  # the unused Chameleon VQ some releases carry (lumina_mgpt2.md §1.5)
-            if key == "lm_head.weight":
-                return key
-            return key[len("model."):] if key.startswith("model.") else "?" + key
-        return cls._load_streaming(config, files, official_to_ours, device, dtype)
+        official = lambda name: name if name == "lm_head.weight" else "model." + name  # noqa: E731
+        files = checkpoint.safetensors_files(folder)
+        return cls._load_streaming(config, files, official, device, dtype, ignore=UNUSED_VQ_PREFIX)
 
     @classmethod
-    def _load_streaming(cls, config, files, rename, device, dtype):
-        """Build on the meta device, then fill tensor by tensor from each shard: peak host memory
-        stays near the model's size in `dtype` (no full fp32 copy of a 7B model)."""
-        from safetensors import safe_open
+    def _load_streaming(cls, config, files, file_key, device, dtype, ignore=()):
+        """Build on the meta device, then fill strictly, tensor by tensor: peak host memory stays
+        near the model's size in `dtype`. file_key maps our parameter name to the file's."""
         with torch.device("meta"):
             model = cls(config)
         model = model.to(dtype).to_empty(device=device)
-        params = dict(model.named_parameters())
-        loaded, unexpected, misshaped = set(), [], []
-        for file in files:
-            if not Path(file).is_file():
-                raise FileNotFoundError(f"checkpoint shard {file} is missing")
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for key in f.keys():
-                        name = rename(key)
-                        if name is None:
-                            continue
-                        if name not in params:
-                            unexpected.append(key)
-                            continue
-                        tensor = f.get_tensor(key)
-                        if tuple(tensor.shape) != tuple(params[name].shape):
-                            misshaped.append(f"{key} {list(tensor.shape)} vs model {list(params[name].shape)}")
-                            continue
-                        with torch.no_grad():
-                            params[name].copy_(tensor)
-                        loaded.add(name)
-            except Exception as e:  # safetensors raises its own error types for bad headers/data
-                raise ValueError(f"cannot read checkpoint file {file}: {e} (corrupt or truncated?)") from None
-        missing = sorted(set(params) - loaded)
-        if missing or unexpected or misshaped:
-            def few(xs):
-                return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
-            problems = [f"{label}: {few(xs)}" for label, xs in
-                        (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if xs]
-            raise ValueError("checkpoint does not match the model config; " + "; ".join(problems))
+        params = {file_key(name): p for name, p in model.named_parameters()}
+        checkpoint.load_into(params, files, f"checkpoint {files[0].parent}", ignore)
         model.reset_rope()
         return model.eval()
 
 
 def compute_loss(logits, targets, loss_mask, z_loss_weight=0.0):
-    """Next-token cross-entropy averaged over the positions the loss mask marks, plus the official
-    z-loss (mean of logsumexp² over the same positions, lumina_mgpt2.md §7).
-    logits (B, T, V), targets (B, T), loss_mask (B, T) of 0/1."""
-    logits = logits.float().flatten(0, 1)
-    mask = loss_mask.flatten().float()
+    """Next-token cross-entropy averaged over the positions loss_mask marks, plus the official
+    z-loss, mean logsumexp² over them (docs/training.md §1). logits (B, T, V); targets, loss_mask (B, T)."""
+    logits, mask = logits.float().flatten(0, 1), loss_mask.flatten().float()  # (B*T, V), (B*T,)
     count = mask.sum().clamp(min=1.0)
     loss = (F.cross_entropy(logits, targets.flatten(), reduction="none") * mask).sum() / count
     if z_loss_weight:
@@ -369,19 +295,26 @@ def compute_loss(logits, targets, loss_mask, z_loss_weight=0.0):
     return loss
 
 
-def save_weights(folder, state_dict, config):
-    """Our checkpoint format: model.safetensors + model.json (the ModelConfig), each written atomically."""
-    from safetensors.torch import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
-    atomic_write(folder / "model.json", lambda p: p.write_text(json.dumps(asdict(config), indent=1)))
+# ---- training arithmetic shared by train.py, train_vq.py and bench.py (docs/training.md) ----
+
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, per GPU (docs/performance.md)
 
 
-def atomic_write(path, write):
-    """Write through `write(tmp_path)` then rename: a crash never leaves a half-written file at `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def lr_schedule(step, max_lr, min_lr, warmup_steps, decay_steps):
+    """Linear warm-up, half-cosine to min_lr at decay_steps, flat after (docs/training.md §4)."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / (warmup_steps + 1)
+    ratio = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
+
+
+def flops_per_token(config, n_params, seq_len):
+    """Training FLOPs per token: 6N (matmuls, forward + backward) + 12*L*d*T (attention), as nanoGPT."""
+    return 6 * n_params + 12 * config.n_layer * config.dim * seq_len
+
+
+def estimate_mfu(config, n_params, seq_len, tokens_per_s, device):
+    """Model FLOPs utilisation against the GPU's dense bf16 peak; None on a CPU or an unknown GPU."""
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "a CPU"
+    peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
+    return flops_per_token(config, n_params, seq_len) * tokens_per_s / peak if peak else None

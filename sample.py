@@ -1,43 +1,41 @@
 """Sample images from Lumina-mGPT 2.0: text-to-image and every dual-panel task, from one command.
 
-What it is: the official sampler's behaviour (../shared/specs/lumina_mgpt2.md §4.1-4.3) as small
-functions in gpt-fast's style: `prefill`, `decode_one_token`, and ONE sampling function
-(`logits_to_probs`: CFG combine, structure constraint, top-k, temperature) that sjd.py and eval.py
-share. Plus the paper's high-quality sampling (§3.3.1): best-of-N with a verifier, and "thinking"
-(an LLM rewrites the prompt first).
+What it is: the official sampler (docs/sampling.md) as small gpt-fast-style functions: `prefill`, one
+decode `step` (CFG rows, key mask, compile) and ONE sampling function (`logits_to_probs`), both shared
+with sjd.py. Best-of-N and "thinking" (docs/sampling.md §4) live in best_of.py.
 What it is not: a trainer, a tokenizer or a codec; it wires model.py, sequence.py and vq.py.
 
   python sample.py --prompt "a red circle left of a blue square"            # the shipped model
-  python sample.py --task edge --ref edges.png --prompt "a green star"       # a dual-panel task
-  python sample.py --ckpt Lumina-mGPT-2.0/ --vq movqgan_270M.ckpt --prompt "..." \\
-      --width 768 --height 768 --device cuda --dtype bfloat16 --compile --quant int4 --sjd
+  python sample.py --task edge --ref assets/refs/edges.png --prompt "a green star"  # a dual-panel task
+  python sample.py --ckpt Lumina-mGPT-2.0/ --vq movqgan_270M.ckpt --prompt "..." --dtype bfloat16 --compile --sjd
 """
 import argparse
-import importlib
 import json
-import os
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
+from best_of import add_best_of_args, make_scorer, pick_best, think
 from model import Transformer
 from sequence import (TASKS, Tokenizer, TokenLayout, i2i_prefix_ids, ids_to_codes, image_body_plan,
                       image_header_ids, prompt_ids, split_panels, task_prompt, unconditional_ids)
+from sjd import add_sjd_args, sjd_generate
 from vq import MoVQGAN, VQConfig, center_crop, pil_to_tensor, tensor_to_pil
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-# official defaults (generate.py / README): cfg 4.0, image top-k 4096, temperature 1.0
-OFFICIAL_SAMPLING = {"cfg": 4.0, "top_k": 4096, "temperature": 1.0}
+OFFICIAL_SAMPLING = {"cfg": 4.0, "top_k": 4096, "temperature": 1.0}  # docs/sampling.md §1
+OFFICIAL_SIZE, OUR_SIZE = 768, 64  # pixels: default image side of a release / of our checkpoints
+CACHE_MULTIPLE = 8  # tokens: gpt-fast rounds its static cache length up to a multiple of 8
 
 
 @dataclass
-class System:
-    """Everything one checkpoint needs to turn a prompt into pixels."""
+class System:  # everything one checkpoint needs to turn a prompt into pixels
     model: Transformer
     codec: MoVQGAN
     tokenizer: Tokenizer
@@ -48,14 +46,11 @@ class System:
 
 
 def load_system(ckpt=ASSETS, vq=None, device="cpu", dtype=torch.float32, quant=None, vq_config=None):
-    """Our folder (model.json, vq.json, tokenizer.json) or an official release (config.json) + codec.
-    vq_config: a VQConfig preset name or a JSON file of its fields, for a bare codec state dict that
-    is not one of the released sizes (the released ones are recognised from their shapes)."""
+    """Our checkpoint folder, or an official release (config.json) and its codec (vq, vq_config)."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
-    tokenizer = Tokenizer.from_file(ckpt)
-    defaults = dict(OFFICIAL_SAMPLING)
+    tokenizer, defaults = Tokenizer.from_file(ckpt), dict(OFFICIAL_SAMPLING)
     if (ckpt / "config.json").is_file():  # official release: the codec is a separate download
         if vq is None or not Path(vq).exists():
             raise FileNotFoundError(f"an official checkpoint needs --vq <path to movqgan_270M.ckpt> (got {vq})")
@@ -63,267 +58,191 @@ def load_system(ckpt=ASSETS, vq=None, device="cpu", dtype=torch.float32, quant=N
         if vq_config and Path(vq_config).is_file():
             vq_config = VQConfig(**json.loads(Path(vq_config).read_text()))
         codec = MoVQGAN.from_pretrained(vq, config=vq_config)
-        layout, size = TokenLayout.official(tokenizer), 768
+        layout, size = TokenLayout.official(tokenizer), OFFICIAL_SIZE
         if layout.image_code_offset + layout.codebook_size > model.config.vocab_size:
             raise ValueError(f"config vocab_size {model.config.vocab_size} has no room for image codes "
                              f"up to {layout.vocab_size - 1}: config.json and checkpoint do not match")
     else:
-        model = Transformer.load(ckpt, device=device, dtype=dtype)
-        codec = MoVQGAN.from_pretrained(vq or ckpt)
-        layout = TokenLayout.ours(tokenizer, codec.config.n_embed)
-        size = 64
+        model, codec = Transformer.load(ckpt, device=device, dtype=dtype), MoVQGAN.from_pretrained(vq or ckpt)
+        layout, size = TokenLayout.ours(tokenizer, codec.config.n_embed), OUR_SIZE
         if (ckpt / "sampling.json").is_file():
             defaults.update(json.loads((ckpt / "sampling.json").read_text()))
             size = defaults.pop("size", size)
-    if quant == "int4":
+    if quant not in (None, "int4"):
+        raise ValueError(f"unknown --quant {quant!r}; the only scheme is int4")
+    if quant:
         from quant import quantize_model
         quantize_model(model)
-    elif quant:
-        raise ValueError(f"unknown --quant {quant!r}; the only scheme is int4")
     return System(model.eval(), codec.to(device).eval(), tokenizer, layout, defaults, size, device)
 
+
+def add_system_args(parser, ckpt=str(ASSETS), dtype="float32"):
+    """The flags sample.py, eval.py and bench.py share (bench.py: ckpt=None, dtype=None)."""
+    parser.add_argument("--ckpt", default=ckpt, help="checkpoint folder: ours or an official release")
+    parser.add_argument("--vq", help="codec: official movqgan_270M.ckpt (default: the one in --ckpt)")
+    parser.add_argument("--vq_config", help="codec config (preset name or JSON) when --vq is not a released size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quant", choices=["int4"], help="int4 weight-only linears (quant.py)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def load_system_from_args(args):
+    """Check the device, set the threads, and load the system add_system_args' flags name."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    return load_system(args.ckpt, args.vq, args.device, dtype, args.quant, args.vq_config)
+
 # -----------------------------------------------------------------------------
-# the one sampling function (CFG, structure constraint, top-k, temperature)
+# the one sampling function (docs/sampling.md §2-3)
 
 
 def logits_to_probs(logits, plan, layout, cfg_scale, top_k, temperature):
-    """logits (2B, T, V) with CFG [conditional rows; unconditional rows], else (B, T, V);
-    plan (T,): the forced id at each position, or -1 for "any image code" -> probs (B, T, V).
-
-    CFG is the official `uncond + s * (cond - uncond)` (§4.2) at a constant scale: the official
-    code lowers s towards a floor of 4 as the image fills, which is a no-op at the default 4.0 and
-    silently overrides any other value, so we honour the scale the user asks for.
-    """
-    if cfg_scale != 1.0:
+    """logits (2B, T, V) with CFG [conditional rows; unconditional rows], else (B, T, V); plan (T,):
+    the forced id at each position, or -1 for "any image code" -> probs (B, T, V)."""
+    if cfg_scale != 1.0:  # a constant scale: the official decay is a no-op at 4.0 (docs/sampling.md §3)
         cond, uncond = logits.chunk(2)
         logits = uncond + cfg_scale * (cond - uncond)
     vocab = torch.arange(logits.shape[-1], device=logits.device)
     is_code = (vocab >= layout.image_code_offset) & (vocab < layout.image_code_offset + layout.codebook_size)
     plan = plan.to(logits.device)[:, None]
-    allowed = torch.where(plan < 0, is_code[None, :], vocab[None, :] == plan)  # (T, V)
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    logits = logits.masked_fill(~torch.where(plan < 0, is_code[None, :], vocab[None, :] == plan), float("-inf"))
     if temperature <= 0 or top_k == 1:  # greedy: a one-hot distribution on the argmax
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(logits < torch.topk(logits, top_k, dim=-1).values[..., -1:], float("-inf"))
     return torch.softmax(logits / temperature, dim=-1)
 
 
-def sample_from(probs, generator=None):
-    """probs (B, T, V) -> token ids (B, T)."""
-    flat = probs.flatten(0, -2)
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+def sample_from(probs, generator=None):  # probs (B, T, V) -> token ids (B, T)
+    return torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
 
 # -----------------------------------------------------------------------------
-# generation: a batch of prompts' cached prefill, then one token at a time (or sjd.py's windows)
-
-
-def prefill(model, idx, key_mask):
-    return model(idx, torch.arange(idx.shape[1], device=idx.device), key_mask)[:, -1:]
-
-
-def decode_one_token(model, token, input_pos, key_mask):
-    return model(token, input_pos, key_mask)
+# generation: a batch's cached prefill, then one decode step per token (or sjd.py's windows)
 
 
 def cfg_batch(prefix, uncond_prefix, num_samples, cfg_scale, pad_id, max_len, device):
-    """Rows [conditional x N; unconditional x N], the unconditional ones left-padded to the same
-    length, and the key mask hiding the pads (so it is the official separate unconditional pass)."""
-    rows = [prefix] * num_samples
-    key_mask = torch.ones(num_samples, max_len, dtype=torch.bool)
-    if cfg_scale != 1.0:
-        pad = len(prefix) - len(uncond_prefix)
-        rows += [[pad_id] * pad + uncond_prefix] * num_samples
-        uncond_mask = torch.ones(num_samples, max_len, dtype=torch.bool)
-        uncond_mask[:, :pad] = False
-        key_mask = torch.cat([key_mask, uncond_mask])
-    return torch.tensor(rows, device=device), key_mask.to(device)
+    """Rows [cond x N; uncond x N, left-padded] and the key mask hiding the pads (docs/sampling.md §3)."""
+    pad = len(prefix) - len(uncond_prefix)
+    rows = [prefix] * num_samples + ([[pad_id] * pad + uncond_prefix] * num_samples if cfg_scale != 1.0 else [])
+    key_mask = torch.ones(len(rows), max_len, dtype=torch.bool, device=device)
+    key_mask[num_samples:, :pad] = False
+    return torch.tensor(rows, device=device), key_mask
+
+
+def prefill(model, idx, key_mask):
+    return model(idx, torch.arange(idx.shape[1], device=idx.device), key_mask)[:, -1:]  # (rows, 1, V)
+
+
+def make_step(model, key_mask, use_cfg, compile=False):
+    """-> step(tokens (B, T), input_pos (T,)) -> logits (rows, T, V), THE decode step of plain decoding and
+    sjd.py: tokens to both CFG halves, pads masked; static shapes, so it compiles to one graph."""
+    def step(tokens, input_pos):
+        return model(torch.cat([tokens, tokens]) if use_cfg else tokens, input_pos, key_mask)
+    mode = "reduce-overhead" if key_mask.device.type == "cuda" else None
+    return torch.compile(step, mode=mode, fullgraph=True) if compile else step
+
+
+def decode_n_tokens(step, logits, plan, start_pos, probs_fn, generator=None, progress=False):
+    """Plain decoding from the prefill's logits -> (tokens (B, len(plan)), stats)."""
+    tokens = []
+    for i in tqdm(range(len(plan)), disable=not progress, desc="tokens", leave=False):
+        tokens.append(sample_from(probs_fn(logits, plan[i:i + 1]), generator))  # (B, 1)
+        if i + 1 < len(plan):
+            logits = step(tokens[-1], torch.tensor([start_pos + i], device=logits.device))
+    return torch.cat(tokens, 1), {"forward_passes": len(plan), "tokens": len(plan)}
 
 
 def generate(model, layout, prefix, uncond_prefix, plan, *, num_samples=1, cfg_scale=4.0, top_k=4096,
              temperature=1.0, generator=None, sjd_window=0, sjd_init="random", compile=False, progress=False):
     """Sample `len(plan)` tokens after `prefix` -> (tokens (num_samples, len(plan)), stats dict)."""
-    device = model.lm_head.weight.device
-    max_len = (len(prefix) + len(plan) + 7) // 8 * 8  # a multiple of 8, as gpt-fast rounds its cache
     if len(prefix) + len(plan) > model.config.max_seq_len:
         raise ValueError(f"{len(prefix)} prompt + {len(plan)} image tokens exceed the model's context of "
                          f"{model.config.max_seq_len} tokens; ask for a smaller image or a shorter prompt")
-    idx, key_mask = cfg_batch(prefix, uncond_prefix, num_samples, cfg_scale, layout.bos_id, max_len, device)
+    max_len = -(-(len(prefix) + len(plan)) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    idx, key_mask = cfg_batch(prefix, uncond_prefix, num_samples, cfg_scale, layout.bos_id, max_len,
+                              model.lm_head.weight.device)
+    probs_fn = partial(logits_to_probs, layout=layout, cfg_scale=cfg_scale, top_k=top_k, temperature=temperature)
     model.setup_caches(idx.shape[0], max_len)
-    use_cfg = cfg_scale != 1.0
-
-    def probs_fn(logits, positions_plan):
-        return logits_to_probs(logits, positions_plan, layout, cfg_scale, top_k, temperature)
-
-    with torch.no_grad():
-        logits = prefill(model, idx, key_mask)
-        if sjd_window:
-            from sjd import sjd_generate
-            tokens, stats = sjd_generate(model, logits, plan, len(prefix), key_mask, probs_fn, generator=generator,
-                                         window=sjd_window, init=sjd_init, use_cfg=use_cfg, layout=layout,
-                                         compile=compile)
-            model.clear_caches()
-            return tokens, stats
-        step = decode_one_token
-        if compile:  # one graph for all steps: shapes never change with a static cache
-            step = torch.compile(decode_one_token, mode="reduce-overhead" if device.type == "cuda" else None,
-                                 fullgraph=True)
-        tokens = []
-        for i in tqdm(range(len(plan)), disable=not progress, desc="tokens", leave=False):
-            token = sample_from(probs_fn(logits, plan[i:i + 1]), generator)  # (B, 1)
-            tokens.append(token)
-            if i + 1 < len(plan):
-                feed = torch.cat([token, token]) if use_cfg else token
-                logits = step(model, feed, torch.tensor([len(prefix) + i], device=device), key_mask)
-    model.clear_caches()
-    return torch.cat(tokens, 1), {"forward_passes": len(plan), "tokens": len(plan)}
-
-
-def generate_uncached(model, layout, prefix, uncond_prefix, plan, *, cfg_scale, top_k, temperature,
-                      generator=None):
-    """The naive reference: recompute the whole sequence each step, conditional and unconditional
-    contexts as two separate sequences exactly as the official code runs them. One sample."""
-    device = model.lm_head.weight.device
-    cond, uncond, tokens = list(prefix), list(uncond_prefix), []
-    with torch.no_grad():
-        for i in range(len(plan)):
-            logits = model(torch.tensor([cond], device=device))[:, -1:]
-            if cfg_scale != 1.0:
-                logits = torch.cat([logits, model(torch.tensor([uncond], device=device))[:, -1:]])
-            token = sample_from(logits_to_probs(logits, plan[i:i + 1], layout, cfg_scale, top_k, temperature),
-                                generator)
-            tokens.append(int(token))
-            cond.append(int(token))
-            uncond.append(int(token))
-    return torch.tensor([tokens])
+    try:
+        with torch.no_grad():
+            logits, step = prefill(model, idx, key_mask), make_step(model, key_mask, cfg_scale != 1.0, compile)
+            if sjd_window:
+                return sjd_generate(step, logits, plan, len(prefix), probs_fn, layout, generator=generator,
+                                    window=sjd_window, init=sjd_init)
+            return decode_n_tokens(step, logits, plan, len(prefix), probs_fn, generator, progress)
+    finally:
+        model.clear_caches()
 
 # -----------------------------------------------------------------------------
-# from a prompt (and a reference image) to PIL images
+# from a prompt (and a reference image) to PIL images, and the command line
 
 
-def check_size(system, width, height, task):
-    unit = system.layout.size_unit
-    for name, side in (("width", width), ("height", height)):
-        if side <= 0 or side % unit:
-            lower = max(unit, side // unit * unit)
-            raise ValueError(f"{name} {side} is not a multiple of {unit}; try {lower} or {lower + unit}")
-    if task != "t2i" and height % (2 * unit):
-        raise ValueError(f"a dual-panel height must be a multiple of {2 * unit} (two panels); got {height}")
+def image_size(system, task, width=None, height=None):
+    """(width, height) of the whole image (two panels high for a task), checked against the size unit."""
+    unit, panels = system.layout.size_unit, 1 if task == "t2i" else 2
+    width, height = width or system.size, height or panels * system.size
+    for name, side, multiple in (("width", width, unit), ("height", height, panels * unit)):
+        if side <= 0 or side % multiple:
+            lower = max(multiple, side // multiple * multiple)
+            raise ValueError(f"{name} {side} is not a multiple of {multiple}; try {lower} or {lower + multiple}")
+    return width, height
 
 
 def load_reference(path, width, height):
     """The upper panel: a PNG/JPEG, centre-cropped to the panel size the official way."""
-    from PIL import Image, UnidentifiedImageError
     if not path:
         raise ValueError("this task needs --ref IMAGE (the upper panel)")
     try:
         with Image.open(path) as im:
-            im.load()
-            image = im.copy()
+            return center_crop(im.copy(), width, height)
     except FileNotFoundError:
         raise FileNotFoundError(f"reference image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except OSError as e:  # not an image, or a damaged one
         raise ValueError(f"cannot read reference image {path}: {e}") from None
-    return center_crop(image, width, height)
 
 
 def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=None, subject=None,
-                  dense_map="segmentation map", num_samples=1, cfg=None,
-                  top_k=None, temperature=None, seed=0, sjd_window=0, sjd_init="random", compile=False,
-                  progress=False):
+                  dense_map="segmentation map", num_samples=1, cfg=None, top_k=None, temperature=None,
+                  seed=0, sjd_window=0, sjd_init="random", compile=False, progress=False):
     """-> (list of PIL images: the whole image, dual panels included; stats dict with the codes)."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    cfg = system.defaults["cfg"] if cfg is None else cfg
-    top_k = system.defaults["top_k"] if top_k is None else top_k
-    temperature = system.defaults["temperature"] if temperature is None else temperature
-    width = width or system.size
-    height = height or (system.size if task == "t2i" else 2 * system.size)
-    check_size(system, width, height, task)
+    width, height = image_size(system, task, width, height)
     layout, down = system.layout, system.layout.downsample
-    code_h, code_w = height // down, width // down
-    if task == "subject" and not subject:
-        raise ValueError("task subject needs --subject, what the reference shows (e.g. 'a purple circle')")
-    text = task_prompt(task, prompt, width, height, subject=subject, dense_map=dense_map)
-    plan = image_body_plan(code_h, code_w, layout)
+    text = task_prompt(task, prompt, width, height, subject, dense_map)  # checks the task and its subject
+    plan = image_body_plan(height // down, width // down, layout)
     if task == "t2i":
         prefix = prompt_ids(system.tokenizer, layout, text) + image_header_ids(height, width, layout)
     else:
-        upper = load_reference(ref, width, height // 2)
+        upper = pil_to_tensor(load_reference(ref, width, height // 2))[None].to(system.device)
         with torch.no_grad():
-            upper_codes = system.codec.encode(pil_to_tensor(upper)[None].to(system.device))[0].cpu()
-        prefix = i2i_prefix_ids(system.tokenizer, layout, text, upper_codes)
-        plan = plan[(code_h // 2) * (code_w + 1):]  # the upper rows are given
-    generator = torch.Generator(system.device).manual_seed(seed)
-    t0 = time.time()
-    tokens, stats = generate(system.model, layout, prefix, unconditional_ids(prefix, layout), plan,
-                             num_samples=num_samples, cfg_scale=cfg, top_k=top_k, temperature=temperature,
-                             generator=generator, sjd_window=sjd_window, sjd_init=sjd_init, compile=compile,
+            prefix = i2i_prefix_ids(system.tokenizer, layout, text, system.codec.encode(upper)[0].cpu())
+        plan = plan[(height // down // 2) * (width // down + 1):]  # the upper rows are given
+    cfg, top_k, temperature = (system.defaults[name] if value is None else value for name, value in
+                               (("cfg", cfg), ("top_k", top_k), ("temperature", temperature)))
+    t0, uncond = time.time(), unconditional_ids(prefix, layout)  # uncond: the image block so far
+    tokens, stats = generate(system.model, layout, prefix, uncond, plan, num_samples=num_samples, cfg_scale=cfg,
+                             top_k=top_k, temperature=temperature, sjd_window=sjd_window, sjd_init=sjd_init,
+                             generator=torch.Generator(system.device).manual_seed(seed), compile=compile,
                              progress=progress)
     stats["seconds"] = time.time() - t0
-    start = len(prefix) - len(unconditional_ids(prefix, layout))  # the image block starts here
-    codes = torch.stack([ids_to_codes(prefix[start:] + row.tolist(), layout) for row in tokens.cpu()])
-    with torch.no_grad():
-        pixels = system.codec.decode(codes.to(system.device)).float().cpu()
-    stats["codes"] = codes  # (N, code_h, code_w): the whole image, a given upper panel included
+    stats["codes"] = torch.stack([ids_to_codes(uncond + row.tolist(), layout) for row in tokens.cpu()])
+    with torch.no_grad():  # codes (N, code_h, code_w): the whole image, a given upper panel included
+        pixels = system.codec.decode(stats["codes"].to(system.device)).float().cpu()
     return [tensor_to_pil(x) for x in pixels], stats
+
 
 def make_grid(images, columns=None):
     """Paste equally sized images into rows of `columns` (default: one row)."""
-    from PIL import Image
-    columns = columns or len(images)
-    w, h = images[0].size
+    columns, (w, h) = columns or len(images), images[0].size
     grid = Image.new("RGB", (w * columns, h * -(-len(images) // columns)), "white")
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
     return grid
-
-# -----------------------------------------------------------------------------
-# best-of-N verifiers and "thinking"
-
-
-def load_verifier(spec):
-    """'shapes' (the built-in shapes-world verifier) or 'module:function' taking (image, prompt)."""
-    if spec == "shapes":
-        import shapes
-        return lambda image, prompt: shapes.verify_prompt(image, prompt)
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot load verifier {spec!r} ({e}); expected 'module:function'") from None
-
-
-# The paper's §3.3.1 "thinking": a strong LLM reasons about the user's prompt and rewrites it into
-# a detailed description before generation. Our instruction paraphrases that role.
-THINK_INSTRUCTION = ("You rewrite prompts for an image generator. Think about what the user wants, then "
-                     "reply with one improved, concrete prompt describing objects, colours, counts and "
-                     "positions explicitly. Reply with the prompt only.")
-
-
-def think(prompt, url, model_name="gpt-4o", timeout=30.0, key_env="THINK_API_KEY"):
-    """Rewrite `prompt` through an OpenAI-compatible chat endpoint; on any failure, warn and keep it."""
-    body = json.dumps({"model": model_name, "messages": [{"role": "system", "content": THINK_INSTRUCTION},
-                                                         {"role": "user", "content": prompt}]}).encode()
-    headers = {"Content-Type": "application/json"}
-    if os.environ.get(key_env):
-        headers["Authorization"] = f"Bearer {os.environ[key_env]}"
-    try:
-        request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=body, headers=headers)
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            rewritten = json.loads(response.read())["choices"][0]["message"]["content"].strip()
-        if not rewritten:
-            raise ValueError("empty reply")
-        return rewritten
-    except Exception as e:  # the endpoint is optional: never let it stop sampling
-        print(f"warning: --think failed ({type(e).__name__}: {e}); using the prompt as given", file=sys.stderr)
-        return prompt
-
-# -----------------------------------------------------------------------------
-# command line
 
 
 def main(argv=None):
@@ -337,55 +256,38 @@ def main(argv=None):
     p.add_argument("--cfg", type=float, help="CFG scale (default: official 4.0 or the checkpoint's)")
     p.add_argument("--top_k", type=int)
     p.add_argument("--temperature", type=float)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_samples", type=int, default=1)
-    p.add_argument("--best_of", type=int, default=1, help="sample N in a batch, keep the verifier's best")
-    p.add_argument("--verifier", default="shapes", help="'shapes' or module:function(image, prompt) -> score")
-    p.add_argument("--think", action="store_true", help="rewrite the prompt with an LLM first")
-    p.add_argument("--think_url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--out", default="out/samples")
-    p.add_argument("--ckpt", default=str(ASSETS))
-    p.add_argument("--vq", help="codec: official movqgan_270M.ckpt (default: the one in --ckpt)")
-    p.add_argument("--vq_config", help="codec config (preset name or JSON) when --vq is not a released size")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--quant", choices=["int4"])
-    p.add_argument("--sjd", action="store_true", help="speculative Jacobi decoding (sjd.py)")
-    p.add_argument("--sjd_window", type=int, default=16)
-    p.add_argument("--sjd_init", default="random", choices=["random", "spatial"])
+    add_sjd_args(p)
+    add_system_args(p)
+    add_best_of_args(p)
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is available; use --device cpu")
-    system = load_system(args.ckpt, args.vq, args.device, getattr(torch, args.dtype), args.quant, args.vq_config)
+    if args.num_samples < 1 or args.best_of < 1:
+        raise ValueError(f"--num_samples and --best_of must be >= 1 (got {args.num_samples}, {args.best_of})")
+    system = load_system_from_args(args)
+    width, height = image_size(system, args.task, args.width, args.height)
+    if args.best_of > 1:  # before sampling: a prompt the verifier cannot read fails now, not after
+        score = make_scorer(args.verifier, args.task, args.prompt,
+                            load_reference(args.ref, width, height // 2) if args.task == "edit" else None)
     prompt = think(args.prompt, args.think_url) if args.think else args.prompt
-    if prompt != args.prompt:
-        print(f"prompt rewritten: {prompt}")
-    n = max(args.num_samples, args.best_of)
-    images, stats = sample_images(system, prompt, width=args.width, height=args.height, task=args.task,
-                                  ref=args.ref, subject=args.subject, num_samples=n, cfg=args.cfg, top_k=args.top_k,
-                                  temperature=args.temperature, seed=args.seed,
+    images, stats = sample_images(system, prompt, width=width, height=height, task=args.task, ref=args.ref,
+                                  subject=args.subject, num_samples=max(args.num_samples, args.best_of),
+                                  cfg=args.cfg, top_k=args.top_k, temperature=args.temperature, seed=args.seed,
                                   sjd_window=args.sjd_window if args.sjd else 0, sjd_init=args.sjd_init,
                                   compile=args.compile, progress=True)
-    if args.best_of > 1:
-        verifier = load_verifier(args.verifier)
-        scores = [float(verifier(split_panels(im)[1] if args.task != "t2i" else im, args.prompt)) for im in images]
-        best = max(range(len(images)), key=scores.__getitem__)
-        print(f"best of {len(images)}: sample {best} (scores {', '.join(f'{s:.2f}' for s in scores)})")
-        images = [images[best]]
-    out = Path(args.out)
+    tokens = stats["tokens"] * len(images)  # every sample drawn, those best-of-N drops included
+    images = [pick_best(images, score)] if args.best_of > 1 else images
+    out, stem = Path(args.out), "".join(c if c.isalnum() else "_" for c in args.prompt.lower())[:40].strip("_")
     out.mkdir(parents=True, exist_ok=True)
-    stem = "".join(c if c.isalnum() else "_" for c in args.prompt.lower())[:40].strip("_") or "sample"
     for i, image in enumerate(images):
-        path = out / f"{stem}_{args.task}_s{args.seed}_{i}.png"
-        image.save(path)
+        image.save(path := out / f"{stem or 'sample'}_{args.task}_s{args.seed}_{i}.png")
         print(f"saved {path}")
         if args.task != "t2i":
             split_panels(image)[1].save(path.with_name(path.stem + "_lower.png"))
     if len(images) > 1:
-        make_grid(images).save(out / f"{stem}_{args.task}_grid.png")
-        print(f"saved {out / f'{stem}_{args.task}_grid.png'}")
-    tokens = stats["tokens"] * len(images)
+        make_grid(images).save(grid := out / f"{stem or 'sample'}_{args.task}_grid.png")
+        print(f"saved {grid}")
     print(f"{tokens} tokens in {stats['seconds']:.2f} s ({tokens / stats['seconds']:.1f} tokens/s)"
           + (f", {stats['forward_passes']} forward passes" if args.sjd else ""))
 

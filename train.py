@@ -1,24 +1,19 @@
-"""Train the Lumina-mGPT 2.0 transformer: one flat script from a laptop CPU to 8xA100 (nanoGPT order).
+"""Train the Lumina-mGPT 2.0 transformer: one flat script from a laptop CPU to many GPUs (nanoGPT order).
 
-What it is: the training loop of arXiv 2507.17801 §3.2/§4 (three stages 256 -> 512 -> 768 px) with
-the official finetune recipe (../shared/specs/lumina_mgpt2.md §7): AdamW (0.9, 0.95), weight decay
-0.1, grad clip 4.0, z-loss, residual dropout, warmup + cosine, loss only where the loss mask says.
-Data are the token shards written by data/<name>/prepare.py.
-What it is not: a data preparer (prepare.py), a codec trainer (vq.py) or a sampler (sample.py).
+What it is: the training loop of arXiv 2507.17801 §3.2/§4 with the official finetune recipe: AdamW,
+z-loss, residual dropout, warm-up + cosine, loss only where the loss mask says (docs/training.md).
+It reads the token shards that data/<name>/prepare.py writes (data/shards.py).
+What it is not: a data preparer, a codec trainer (train_vq.py) or a sampler (sample.py).
 
 Run:
   python train.py config/train_shapes.py                      # one process, CPU or one GPU
-  python train.py config/train_shapes.py --batch_size=8       # any setting as --key=value
+  python train.py config/train_shapes.py --batch_size=8       # any setting as --key=value; --help lists them
   torchrun --standalone --nproc_per_node=8 train.py config/train_7b_stage1.py      # one node
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
       train.py config/train_7b_stage1.py                                            # multi-node
-Distributed means plain DDP (NCCL on CUDA, gloo on CPU), or FSDP2 (`parallel="fsdp"`, one
-`fully_shard` per block, bf16 params with fp32 reduction) for 2B/7B: 7B with AdamW needs 16 bytes
-per parameter (126 GB) of weights, grads and optimizer state, which only fits 80 GB cards sharded.
+Distributed means plain DDP, or FSDP2 (`parallel="fsdp"`) for 2B/7B (docs/training.md §3).
 """
-import ast
 import json
-import math
 import os
 import shutil
 import signal
@@ -30,9 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
 
-from model import ModelConfig, Transformer, compute_loss, save_weights
-from sequence import load_shards
+import checkpoint
+from configurator import configure
+from data.shards import load_shards
+from model import Block, ModelConfig, Transformer, compute_loss, estimate_mfu, lr_schedule
 
 # -----------------------------------------------------------------------------
 # config: defaults, then a config file, then --key=value (unknown keys and wrong types are errors)
@@ -66,36 +64,10 @@ device = "auto"              # "auto" | "cpu" | "cuda"
 compile = False
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
-
-
-def configure(argv, settings):
-    """nanoGPT's configurator as a function: a config file sets globals; --key=value overrides."""
-    for arg in argv:
-        if not arg.startswith("--"):
-            exec(Path(arg).read_text(), {}, overrides := {})
-            unknown = set(overrides) - set(settings)
-            if unknown:
-                raise SystemExit(f"{arg}: unknown setting(s) {sorted(unknown)}")
-            settings.update(overrides)
-            continue
-        key, _, value = arg[2:].partition("=")
-        if key not in settings:
-            raise SystemExit(f"unknown setting --{key}; known: {', '.join(sorted(settings))}")
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = value
-        default = settings[key]
-        if isinstance(default, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
-            parsed = float(parsed)
-        if type(parsed) is not type(default):
-            raise SystemExit(f"--{key}={value}: expected {type(default).__name__}, got {type(parsed).__name__}")
-        settings[key] = parsed
-    return settings
-
-
-globals().update(configure(sys.argv[1:], {k: globals()[k] for k in config_keys}))
+globals().update(configure(sys.argv[1:], {k: globals()[k] for k in config_keys}, __doc__))
 config = {k: globals()[k] for k in config_keys}
+TRAIN_STREAM, VAL_STREAM = 0, 1  # seeds of the two batch streams
+DROPOUT_SEED_STRIDE = 7919       # seed + stride * step + rank differs for every (step, rank) below 7919 ranks
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is world size 1
@@ -112,7 +84,7 @@ else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 device_type = "cuda" if "cuda" in device else "cpu"
-# bf16 autocast on GPU; fp32 on CPU, which has no fast bf16 (../shared/specs/machine.md)
+# bf16 autocast on GPU; fp32 on CPU, which has no fast bf16 (docs/performance.md §4)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -127,12 +99,10 @@ def log(*args):
 
 
 # -----------------------------------------------------------------------------
-# data: variable-length sequences, right-padded per batch. Padding (not packing) keeps every
-# sequence's positions starting at 0 as at inference; the pad positions carry loss mask 0 and,
-# being at the right, are never attended to by real tokens under the causal mask. To waste little
-# on padding, each batch is drawn from one of `length_buckets` equal-count groups of similar
-# length (a 64-px T2I example is ~100 tokens, a dual panel ~200); with equal counts and a
-# uniformly chosen group, every example is still drawn with the same probability.
+# data: variable-length sequences, right-padded per batch, so every sequence's positions start at 0
+# as at inference; pad positions carry loss mask 0. Each batch comes from one of `length_buckets`
+# equal-count groups of similar length, chosen uniformly, so little is padding and every example is
+# still drawn with the same probability (docs/training.md §1).
 def load_split(split):
     ids, mask, offsets = load_shards(data_dir, split)
     order = np.argsort(np.diff(offsets), kind="stable")
@@ -140,15 +110,14 @@ def load_split(split):
 
 
 train_data, val_data = load_split("train"), load_split("val")
-meta_vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
+data_vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
 
 
-def get_batch(data, step, micro_step, split_seed):
-    """The batch is a pure function of (seed, step, global micro-batch index): resuming at a step
-    reproduces the data exactly, and N ranks x 1 micro-batch see what 1 rank x N micro-batches sees."""
+def get_batch(data, step, micro_step, stream):
+    """The batch is a pure function of (seed, stream, step, global micro-batch index): resuming at a
+    step reproduces the data exactly, and N ranks x 1 micro-batch see what 1 rank x N micro-batches see."""
     ids, mask, offsets, buckets = data
-    global_micro = micro_step * world_size + rank
-    rng = np.random.default_rng([seed, split_seed, step, global_micro])
+    rng = np.random.default_rng([seed, stream, step, micro_step * world_size + rank])
     bucket = buckets[rng.integers(len(buckets))]
     rows = bucket[rng.integers(0, len(bucket), size=batch_size)]
     limit = model_config.max_seq_len + 1  # official: truncate to the context length
@@ -160,31 +129,31 @@ def get_batch(data, step, micro_step, split_seed):
         x[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
         m[i, : len(s)] = torch.from_numpy(ms.astype(np.float32))
     x, m = x.to(device), m.to(device)
-    return x[:, :-1], x[:, 1:], m[:, 1:]  # inputs, targets, mask aligned with targets
+    return x[:, :-1], x[:, 1:], m[:, 1:]  # inputs, targets, mask aligned with targets: (B, T - 1) each
 
 
 # -----------------------------------------------------------------------------
 # model init: scratch, resume, or a checkpoint folder (ours: model.json; official: config.json)
-def find_latest_checkpoint(folder):
-    """Only fully written checkpoints carry the final name (written under a temp name, then renamed)."""
-    done = sorted(p for p in Path(folder).glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
+def finished_checkpoints(folder):
+    """Checkpoints are written under a .tmp name and renamed when whole, so only these are complete."""
+    return sorted(p for p in Path(folder).glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
 iter_num, train_state = 0, None
 if init_from == "resume":
-    ckpt_dir = find_latest_checkpoint(out)
-    if ckpt_dir is None:
+    if not finished_checkpoints(out):
         raise SystemExit(f"init_from=resume but {out} holds no checkpoint; start with init_from=scratch")
+    ckpt_dir = finished_checkpoints(out)[-1]
     log(f"resuming from {ckpt_dir}")
     model = Transformer.load(ckpt_dir)
     try:
         train_state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"{ckpt_dir}/train_state.pt is unreadable ({e}); delete that checkpoint folder to resume from the one before")
+        raise SystemExit(f"{ckpt_dir}/train_state.pt is unreadable ({e}); delete that checkpoint folder to resume "
+                         "from the one before") from None
     iter_num = train_state["iter_num"]
 elif init_from == "scratch":
-    overrides = dict(vocab_size=meta_vocab, dropout=dropout) | ({"max_seq_len": max_seq_len} if max_seq_len else {})
+    overrides = dict(vocab_size=data_vocab, dropout=dropout) | ({"max_seq_len": max_seq_len} if max_seq_len else {})
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_name(model_name, **overrides))
 else:  # start a stage from the previous stage's weights (paper §4: 256 -> 512 -> 768 px)
@@ -192,8 +161,8 @@ else:  # start a stage from the previous stage's weights (paper §4: 256 -> 512 
     model = Transformer.from_pretrained(folder, dtype=torch.float32) if (folder / "config.json").exists() \
         else Transformer.load(folder)
     model.config.dropout = dropout
-if model.config.vocab_size < meta_vocab:
-    raise SystemExit(f"model vocab {model.config.vocab_size} < data vocab {meta_vocab}: wrong data_dir for this model")
+if model.config.vocab_size < data_vocab:
+    raise SystemExit(f"model vocab {model.config.vocab_size} < data vocab {data_vocab}: wrong data_dir for this model")
 if max_seq_len and max_seq_len != model.config.max_seq_len:
     model.config.max_seq_len = max_seq_len
     model.reset_rope()
@@ -206,9 +175,8 @@ log(f"model: {n_params / 1e6:.2f}M parameters, {model_config}")
 
 if activation_checkpointing:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-    from model import Block
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
-if ddp and parallel == "fsdp":
+if ddp and parallel == "fsdp":  # one fully_shard per block, bf16 params, fp32 gradient reduction
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device_type == "cuda" else None,
                                   reduce_dtype=torch.float32)
@@ -231,47 +199,28 @@ no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "nor
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
-
-
-def full_state_dicts():
-    """Model and optimizer state as full (unsharded) tensors on CPU, for DDP and FSDP alike."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-if train_state is not None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+if train_state is not None:  # full (unsharded) tensors, for DDP and FSDP alike
     set_optimizer_state_dict(model, optimizer, train_state["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
 
 
 def save_checkpoint():
-    """Weights (safetensors + JSON) + optimizer + step + config into ckpt-<step>.tmp, then rename:
-    a run killed mid-write leaves only a .tmp folder, which resume never picks."""
-    model_state, optim_state = full_state_dicts()
+    """Weights + optimizer + step + config into ckpt-<step>.tmp, then rename: a run killed mid-write
+    leaves only a .tmp folder, which resume never picks (docs/checkpoints.md §3)."""
+    model_state, optim_state = get_state_dict(model, optimizer,  # full tensors on CPU, DDP and FSDP alike
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not master:
         return
     final = out / f"ckpt-{iter_num:08d}"
     tmp = out / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(tmp, model_state, model_config)
+    checkpoint.save(tmp, "model", model_state, model_config)
     torch.save({"optimizer": optim_state, "iter_num": iter_num, "config": config}, tmp / "train_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(p for p in out.glob("ckpt-*") if not p.name.endswith(".tmp"))[:-keep_checkpoints]:
+    for old in finished_checkpoints(out)[:-keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     log(f"saved {final}")
-
-
-def get_lr(it):
-    """Linear warmup, then half-cosine to min_lr (official lr_sched, in steps instead of epochs)."""
-    decay_iters = lr_decay_iters or max_iters
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= decay_iters:
-        return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
 @torch.no_grad()
@@ -279,19 +228,11 @@ def estimate_val_loss():
     model.eval()
     losses = []
     for k in range(eval_iters):
-        x, y, m = get_batch(val_data, k, 0, split_seed=1)
+        x, y, m = get_batch(val_data, k, 0, VAL_STREAM)
         with autocast:
             losses.append(compute_loss(model(x), y, m).item())
     model.train()
     return float(np.mean(losses))
-
-
-def peak_flops():
-    """Dense bf16 peak of the GPU for MFU (../shared/specs/performance.md §6); None elsewhere."""
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((f for key, f in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12)) if key in name), None)
 
 
 # -----------------------------------------------------------------------------
@@ -312,19 +253,15 @@ t_start, start_iter = time.time(), iter_num
 while iter_num < max_iters and not stop_requested:
     if iter_num % eval_interval == 0 and iter_num > 0:
         log(f"step {iter_num}: val loss {estimate_val_loss():.4f}")
-    lr = get_lr(iter_num)
+    lr = lr_schedule(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    # dropout masks are a function of (seed, step, rank): a resumed run repeats them exactly
-    torch.manual_seed(seed + 7919 * iter_num + rank)
+    torch.manual_seed(seed + DROPOUT_SEED_STRIDE * iter_num + rank)  # a resumed run repeats the dropout masks
     loss_sum = 0.0
     for micro_step in range(gradient_accumulation_steps):
-        x, y, m = get_batch(train_data, iter_num, micro_step, split_seed=0)
+        x, y, m = get_batch(train_data, iter_num, micro_step, TRAIN_STREAM)
         sync = micro_step == gradient_accumulation_steps - 1
-        if ddp and parallel == "ddp" and not sync:
-            context = train_model.no_sync()
-        else:
-            context = nullcontext()
+        context = train_model.no_sync() if ddp and parallel == "ddp" and not sync else nullcontext()
         if ddp and parallel == "fsdp":
             model.set_requires_gradient_sync(sync)
         with context, autocast:
@@ -341,20 +278,15 @@ while iter_num < max_iters and not stop_requested:
         bad_steps += 1
         log(f"step {iter_num}: non-finite loss/gradient, step skipped ({bad_steps}/{max_bad_steps})")
         if bad_steps >= max_bad_steps:
-            optimizer.zero_grad(set_to_none=True)
             raise SystemExit(f"stopping: {bad_steps} consecutive non-finite steps; lower learning_rate and resume")
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     if iter_num % log_interval == 0:
-        dt = time.time() - t_last
-        tok_s = tokens_since / dt
+        tok_s = tokens_since / (time.time() - t_last)
         eta = (time.time() - t_start) / (iter_num - start_iter) * (max_iters - iter_num)
-        mfu = ""
-        if peak_flops():
-            flops_per_token = 6 * n_params + 12 * model_config.n_layer * model_config.dim * x.shape[1]
-            mfu = f", mfu {flops_per_token * tok_s / (world_size * peak_flops()) * 100:.1f}%"
-        log(f"step {iter_num}: loss {loss_sum:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s{mfu}, "
-            f"eta {eta / 60:.1f} min")
+        mfu = estimate_mfu(model_config, n_params, x.shape[1], tok_s / world_size, device)  # per GPU
+        log(f"step {iter_num}: loss {loss_sum:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s"
+            + (f", mfu {mfu * 100:.1f}%" if mfu else "") + f", eta {eta / 60:.1f} min")
         t_last, tokens_since = time.time(), 0
     if iter_num % checkpoint_interval == 0 or iter_num == max_iters or stop_requested:
         save_checkpoint()

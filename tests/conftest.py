@@ -2,6 +2,9 @@
 import pytest
 import torch
 
+TINY_CAPTIONS = ["a photo of a red circle", "two blue squares", "a green star left of a yellow cross",
+                 "Generate an image of 64x64 according to the following prompt:"] * 20
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -11,3 +14,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A random tiny model + tiny codec + small tokenizer, saved in our checkpoint layout."""
+    from model import ModelConfig, Transformer
+    from sequence import train_tokenizer
+    from vq import MoVQGAN, VQConfig
+    folder = tmp_path_factory.mktemp("tiny_ckpt")
+    tokenizer = train_tokenizer(TINY_CAPTIONS, str(folder / "tokenizer.json"), vocab_size=300)
+    torch.manual_seed(0)
+    codec = MoVQGAN(VQConfig.from_name("tiny"))
+    codec.save_pretrained(folder)
+    torch.manual_seed(1)
+    Transformer(ModelConfig.from_name("tiny", vocab_size=tokenizer.vocab_size + codec.config.n_embed,
+                                      max_seq_len=512)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_system(tiny_ckpt):
+    """sample.load_system(tiny_ckpt): one copy for every test that samples from the tiny model."""
+    from sample import load_system
+    return load_system(tiny_ckpt)

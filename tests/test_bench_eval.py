@@ -1,7 +1,7 @@
 """bench.py and eval.py at tiny scale: every variant reports numbers or a reason, ratios are positive,
 scores are accuracies, and the verifier passes ground-truth renders (the ceiling row is sound)."""
-import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +12,7 @@ import bench
 import eval as evaluation
 import shapes
 from model import ModelConfig, Transformer
-from sequence import train_tokenizer
-from vq import MoVQGAN, VQConfig
-
+from verify import verify
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -30,20 +28,6 @@ def prompt_set(tmp_path_factory):
         rows.append(dict(spec, ref=f"refs/{k}.png"))
     shapes.write_prompt_set(folder / "prompts.jsonl", rows)
     return folder / "prompts.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, prompt_set):
-    """A random tiny model + codec + tokenizer in our checkpoint layout (as tests/test_sample.py)."""
-    folder = tmp_path_factory.mktemp("tiny_ckpt")
-    texts = [r["prompt"] for r in shapes.read_prompt_set(prompt_set)] + ["Generate a dual-panel image of 64x128"]
-    tokenizer = train_tokenizer(texts * 10, str(folder / "tokenizer.json"), 300)
-    torch.manual_seed(0)
-    codec = MoVQGAN(VQConfig.from_name("tiny"))
-    codec.save_pretrained(folder)
-    vocab = tokenizer.vocab_size + codec.config.n_embed
-    Transformer(ModelConfig.from_name("tiny", vocab_size=vocab, max_seq_len=512)).save_pretrained(folder)
-    return folder
 
 
 def check_variants(record, steps):
@@ -68,28 +52,49 @@ def test_bench_decode_reports_every_variant(tmp_path):
     assert record["variants"]["compile"] == {"skipped": "not in --variants"}
     assert "int4_path" in record["variants"]["int4+sjd"] or "skipped" in record["variants"]["int4+sjd"]
     assert json.loads(out.read_text())["variants"].keys() == record["variants"].keys()
+    assert record["command"].startswith("python bench.py --model tiny")
 
 
 def test_bench_says_why_a_variant_cannot_run(monkeypatch):
-    """No sjd.py and an int4 group size the layers cannot take: reasons, not a crash."""
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sjd" else find_spec(name, *a))
+    """A variant that raises, and an int4 group size the layers cannot take: reasons, not a crash."""
+    generate = bench.generate
+
+    def no_sjd(*args, sjd_window=0, **kwargs):
+        if sjd_window:
+            raise RuntimeError("no SJD here\nsecond line")
+        return generate(*args, sjd_window=sjd_window, **kwargs)
+    monkeypatch.setattr(bench, "generate", no_sjd)
     record = bench.main(["--model", "tiny", "--steps", "4", "--variants", "static,sjd,compile+int4,int4+sjd"])
     check_variants(record, 4)
-    assert record["variants"]["sjd"]["skipped"] == record["variants"]["int4+sjd"]["skipped"] == \
-        "unavailable: sjd.py missing"
+    assert record["variants"]["sjd"]["skipped"] == "failed: RuntimeError: no SJD here"  # its first line
     assert "group_size 128" in record["variants"]["compile+int4"]["skipped"]  # width 64: no group of 128
+    assert record["variants"]["int4+sjd"] == record["variants"]["compile+int4"]  # quantized once, for both
+
+
+def test_bench_linear_times_each_layer_shape(monkeypatch):
+    """--linear: one row per distinct nn.Linear shape of the model (lm_head aside) and decode batch."""
+    monkeypatch.setattr(bench, "LINEAR_SECONDS", 0.01)
+    record = bench.main(["--model", "tiny", "--linear", "--group_size", "32"])
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_name("tiny"))
+    shapes_ = {(m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    assert {tuple(r["shape"]) for r in record["layers"]} == shapes_
+    assert len(record["layers"]) == len(shapes_) * len(bench.LINEAR_ROWS)
+    assert all(r["float_ms"] > 0 and r["int4_ms"] > 0 and r["path"] for r in record["layers"])
+    assert 0 < record["bytes_vs_float"] < 0.5  # 4 bits + scales and zeros vs 32 bits
 
 
 def test_bench_train_throughput():
     record = bench.main(["--model", "tiny", "--train", "--steps", "1", "--seq_len", "32", "--batch", "2"])
     assert record["tokens_per_s"] > 0 and record["ms_per_step"] > 0 and record["mfu"] is None  # MFU: GPU only
+    assert record["tflops"] > 0
 
 
 def test_ground_truth_renders_pass_the_verifier():
     """The ceiling's premise: >= 0.99 of renders of what each held-out row asks for score 1.0."""
     rows = shapes.eval_t2i_specs() + [spec for *_, spec in shapes.eval_task_pairs(3)]
-    ok = [shapes.verify(evaluation.ground_truth(row, 64, seed=i), row) == 1.0 for i, row in enumerate(rows)]
+    ok = [verify(evaluation.ground_truth(row, 64, seed=i), row) == 1.0 for i, row in enumerate(rows)]
     assert len(ok) > 50 and np.mean(ok) >= 0.99
 
 
@@ -125,9 +130,21 @@ def test_best_of_keeps_the_verifiers_best(tiny_ckpt, prompt_set, tmp_path, monke
         assert (table[category]["accuracy"], table[category]["best-of-2"]) == (0.25, 0.5), category
 
 
+def test_load_rows_limit_and_refs(prompt_set, tmp_path):
+    """--limit keeps the first rows of each category in file order; refs resolve beside the JSONL."""
+    rows = shapes.read_prompt_set(prompt_set)
+    shapes.write_prompt_set(tmp_path / "twice.jsonl", [dict(r, prompt=r["prompt"] + f" #{k}") for k in (1, 2)
+                                                       for r in rows])
+    kept = evaluation.load_rows(tmp_path / "twice.jsonl", limit=1)
+    assert [r["prompt"] for r in kept] == [r["prompt"] + " #1" for r in rows]
+    assert len(evaluation.load_rows(prompt_set)) == len(rows)
+    assert all(Path(r["ref"]).is_file() for r in evaluation.load_rows(prompt_set) if "ref" in r)
+
+
 def test_eval_codec_mode(tiny_ckpt, prompt_set, tmp_path):
     record = evaluation.main(["--prompts", str(prompt_set), "--vq", str(tiny_ckpt), "--codec", "--codec_images", "8",
                               "--out_dir", str(tmp_path)])
     quality = record["codec_quality"]
     assert np.isfinite(quality["psnr"]) and -1 <= quality["ssim"] <= 1 and 0 < quality["usage"] <= 1
     check_table(record["table"], ("codec ceiling", "ground truth"))
+    assert "rows" not in record and not list(tmp_path.glob("*.png"))  # --codec samples nothing

@@ -20,6 +20,7 @@ from PIL import Image
 
 import sequence as S
 from data.images import prepare
+from data.shards import load_shards, read_meta
 from vq import MoVQGAN, VQConfig, center_crop, pil_to_tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,11 +121,11 @@ def test_shards_hold_the_expected_sequences(world, built):
     alone: ids and loss masks, T2I and edge pairs, non-square images in the hand-computed buckets."""
     root, rows, expect = world
     out = root / "out"
-    meta, layout = S.read_meta(str(out))
+    meta, layout = read_meta(str(out))
     tok = S.Tokenizer.from_file(str(out / meta["tokenizer"]))
     codec = MoVQGAN.from_pretrained(root / "vq")
     assert layout == S.TokenLayout.ours(tok, 64) and meta["vocab_size"] == layout.vocab_size
-    shards = {s: S.load_shards(str(out), s) for s in ("train", "val")}
+    shards = {s: load_shards(str(out), s) for s in ("train", "val")}
     seen, flags = {"train": 0, "val": 0}, set()
     for n, (row, e) in enumerate(zip(rows, expect)):
         if e is None:

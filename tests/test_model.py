@@ -1,12 +1,15 @@
-"""model.py: cached decoding equals the full forward, official-layout checkpoints load exactly,
-presets have the paper's parameter counts, and bad checkpoints fail with a message that names the key."""
+"""model.py and checkpoint.py: cached decoding equals the full forward, official-layout checkpoints
+load exactly, presets have the paper's parameter counts, bad checkpoints fail with a message that
+names the key, writes are atomic, and the LR schedule and MFU follow their formulas."""
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from model import ModelConfig, Transformer, compute_loss
+import checkpoint
+from model import ModelConfig, Transformer, compute_loss, estimate_mfu, lr_schedule
 
 
 def tiny_model(seed=0, **overrides):
@@ -57,7 +60,7 @@ def test_smaller_batch_than_cache_and_cache_errors():
 
 
 def naive_attention_forward(model, idx):
-    """An independent float64 re-computation of the forward from the formulas in the spec."""
+    """An independent float64 re-computation of the forward from docs/architecture.md's formulas."""
     cfg, sd = model.config, {k: v.double() for k, v in model.state_dict().items()}
     B, T = idx.shape
     hd = cfg.head_dim
@@ -102,7 +105,7 @@ def naive_attention_forward(model, idx):
 
 
 def test_forward_matches_float64_reference():
-    """The model computes the spec's formulas (qk-norm before RoPE, rotate-half, SwiGLU, GQA)."""
+    """The model computes docs/architecture.md's formulas (qk-norm before RoPE, rotate-half, SwiGLU, GQA)."""
     model = tiny_model(2, qk_norm_groups=2)
     with torch.no_grad():  # give the q/k-norm affines non-trivial values so they are tested
         for name, p in model.named_parameters():
@@ -151,13 +154,14 @@ def test_official_layout_bf16_load(tmp_path):
 
 
 @pytest.mark.parametrize("break_it, expected", [
-    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "missing: layers.1.mlp.up_proj.weight"),
+    (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"), "missing: model.layers.1.mlp.up_proj.weight"),
     (lambda sd: sd.__setitem__("model.layers.0.self_attn.q_norm.weight", torch.ones(4, 16)),
-     "misshaped: model.layers.0.self_attn.q_norm.weight [4, 16]"),
+     "misshaped: model.layers.0.self_attn.q_norm.weight [4, 16] vs model [1, 16]"),
     (lambda sd: sd.__setitem__("model.layers.9.mlp.up_proj.weight", torch.ones(2, 2)),
      "unexpected: model.layers.9.mlp.up_proj.weight"),
 ])
 def test_bad_official_checkpoint_names_the_key(tmp_path, break_it, expected):
+    """Strict loading of the official layout: every problem is reported in the file's key names."""
     model = tiny_model()
     state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in model.state_dict().items()}
     break_it(state)
@@ -167,17 +171,55 @@ def test_bad_official_checkpoint_names_the_key(tmp_path, break_it, expected):
         Transformer.from_pretrained(tmp_path, dtype=torch.float32)
 
 
-def test_corrupt_checkpoint_and_own_format_round_trip(tmp_path):
+def test_own_format_round_trip_and_strict_loading(tmp_path):
+    """Our format reloads bit-exactly; an unknown model.json key, an extra tensor and a truncated
+    file are each refused with a message that names the problem."""
     model = tiny_model(5)
-    model.save_pretrained(tmp_path / "ours")
-    loaded = Transformer.load(tmp_path / "ours")
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]  # no temp left
+    loaded = Transformer.load(tmp_path)
     idx = torch.randint(0, 512, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
-    path = tmp_path / "ours" / "model.safetensors"
+
+    config = json.loads((tmp_path / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**config, "n_embd": 64}))
+    with pytest.raises(ValueError, match="ModelConfig does not know: n_embd"):
+        Transformer.load(tmp_path)
+    (tmp_path / "model.json").write_text(json.dumps(config))
+
+    path = tmp_path / "model.safetensors"
+    save_file({**model.state_dict(), "extra.weight": torch.ones(2)}, str(path))
+    with pytest.raises(ValueError, match=r"does not match the config; unexpected: extra.weight$"):
+        Transformer.load(tmp_path)
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        Transformer.load(tmp_path / "ours")
+        Transformer.load(tmp_path)
+
+
+def test_check_keys_names_missing_unexpected_and_misshaped():
+    expected = {"a": (2, 3), "b": (4,), "c": (1,)}
+    checkpoint.check_keys(expected, dict(expected))  # a match passes
+    with pytest.raises(ValueError) as error:
+        checkpoint.check_keys(expected, {"a": (3, 2), "b": (4,), "d": (5,)}, "ckpt")
+    assert str(error.value) == ("ckpt does not match the config; missing: c; unexpected: d; "
+                                "misshaped: a [3, 2] vs model [2, 3]")
+    with pytest.raises(ValueError, match=r"missing: k0, k1, k2, k3, k4 \(\+2 more\)$"):
+        checkpoint.check_keys({f"k{i}": (1,) for i in range(7)}, {})
+
+
+def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path):
+    target = tmp_path / "model.json"
+    target.write_text("old")
+
+    def half_then_crash(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.atomic_write(target, half_then_crash)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.json"]
+    checkpoint.atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model.json"]
 
 
 @pytest.mark.parametrize("name, expected", [("7B", 7_880_273_920), ("2B", 2_849_617_920)])
@@ -188,7 +230,7 @@ def test_preset_parameter_counts_match_table2(name, expected):
 
 
 def test_preset_keys_match_official_7b_key_list():
-    """Every official 7B key and shape (the spec's list from the official modelling code) is ours."""
+    """Every official 7B key and shape (docs/architecture.md §5, from the official modelling code) is ours."""
     from pathlib import Path
     spec = Path(__file__).parent / "data" / "lumina_7B_keys.txt"
     official = {}
@@ -232,3 +274,22 @@ def test_key_mask_hides_a_left_pad_exactly():
     torch.testing.assert_close(out[1, pad:], alone[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out[0, pad:], alone[0], atol=1e-3)  # the unmasked row does see the pad
     assert torch.isfinite(out).all() and torch.isfinite(step).all()
+
+
+def test_lr_schedule_matches_the_formula():
+    """Warm-up (step + 1) / (warmup + 1) of max_lr, half-cosine from max_lr to min_lr, then flat."""
+    max_lr, min_lr, warmup, decay = 1.0, 0.1, 10, 110
+    expected = {0: 1 / 11, 4: 5 / 11, 10: 1.0, 35: 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 60: 0.55,
+                110: 0.1, 500: 0.1}
+    for step, lr in expected.items():
+        assert lr_schedule(step, max_lr, min_lr, warmup, decay) == pytest.approx(lr, abs=1e-12), step
+
+
+def test_mfu_is_none_on_cpu_and_uses_the_gpu_peak(monkeypatch):
+    config = ModelConfig.from_name("tiny")
+    assert estimate_mfu(config, 10**9, 1000, 1e5, "cpu") is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    flops = 6 * 10**9 + 12 * 2 * 64 * 1000  # 6N + 12 L d T per token
+    assert estimate_mfu(config, 10**9, 1000, 1e5, "cuda") == pytest.approx(flops * 1e5 / 989e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert estimate_mfu(config, 10**9, 1000, 1e5, "cuda") is None

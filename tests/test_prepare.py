@@ -8,6 +8,7 @@ import torch
 
 import sequence as S
 from data.shapes import prepare
+from data.shards import load_shards, read_meta
 from vq import MoVQGAN, VQConfig, pil_to_tensor
 
 N = 24
@@ -29,7 +30,7 @@ def test_shards_hold_the_expected_examples(built):
     val_fraction of the examples form the val split; meta.json describes the layout."""
     root, _ = built
     out = root / "shapes"
-    meta, layout = S.read_meta(str(out))
+    meta, layout = read_meta(str(out))
     tok = S.Tokenizer.from_file(str(out / meta["tokenizer"]))
     codec = MoVQGAN.from_pretrained(root / "vq")
     assert layout == S.TokenLayout.ours(tok, codec.config.n_embed) and meta["vocab_size"] == layout.vocab_size
@@ -37,7 +38,7 @@ def test_shards_hold_the_expected_examples(built):
     assert n_val == N // 4 and meta["counts"]["train"] == N - n_val
     mix = prepare.parse_mix(prepare.DEFAULT_MIX)
     stored = [(s, k) for s in ("train", "val") for k in range(meta["counts"][s])]
-    shards = {s: S.load_shards(str(out), s) for s in ("train", "val")}
+    shards = {s: load_shards(str(out), s) for s in ("train", "val")}
     dual = 0
     for i, (split, k) in enumerate(stored):
         text, image, drop = prepare.example(i, 0, mix, 64)
@@ -51,7 +52,8 @@ def test_shards_hold_the_expected_examples(built):
 
 
 def test_eval_set_written(built):
-    """The eval prompt set is JSONL in shapes.md's format; task rows point at PNG refs that exist."""
+    """The eval prompt set is JSONL in the prompt-set format (docs/shapes.md §5); task rows point at
+    PNG refs that exist."""
     out = built[0] / "shapes"
     rows = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
     assert {"single_object", "position", "edge", "dense"} <= {r["category"] for r in rows}

@@ -1,7 +1,9 @@
-"""sample.py: reproducible, cache-exact, structurally valid sampling; CFG 1 is conditional-only;
-the reference panel is kept token for token; --think degrades gracefully; bad input is one line."""
+"""sample.py and best_of.py: reproducible, cache-exact, structurally valid sampling; CFG 1 is
+conditional-only; the reference panel is kept token for token; best-of-N on an edit verifies the
+edit's expected result (or refuses before sampling); --think degrades gracefully; bad input is one line."""
 import http.server
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -12,34 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from model import ModelConfig, Transformer
-from sample import (generate, generate_uncached, load_system, logits_to_probs, make_grid, sample_images,
-                    think)
-from sequence import image_body_plan, image_header_ids, prompt_ids, t2i_prompt, train_tokenizer, unconditional_ids
-from vq import MoVQGAN, VQConfig
+import sample
+import shapes
+import verify
+from best_of import edit_spec, make_scorer, think
+from sample import generate, logits_to_probs, make_grid, main, sample_from, sample_images
+from sequence import image_body_plan, image_header_ids, prompt_ids, stack_panels, t2i_prompt, unconditional_ids
 
 REPO = Path(__file__).resolve().parents[1]
-CAPTIONS = ["a photo of a red circle", "two blue squares", "a green star left of a yellow cross",
-            "Generate an image of 64x64 according to the following prompt:"] * 20
+SCENE = REPO / "assets" / "refs" / "scene.png"  # a purple square and a blue circle on white
 
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    """A random tiny model + tiny codec + small tokenizer, saved in our checkpoint layout."""
-    folder = tmp_path_factory.mktemp("tiny_ckpt")
-    tokenizer = train_tokenizer(CAPTIONS, str(folder / "tokenizer.json"), vocab_size=300)
-    torch.manual_seed(0)
-    codec = MoVQGAN(VQConfig.from_name("tiny"))
-    codec.save_pretrained(folder)
-    vocab = tokenizer.vocab_size + codec.config.n_embed
-    torch.manual_seed(1)
-    Transformer(ModelConfig.from_name("tiny", vocab_size=vocab, max_seq_len=512)).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def system(tiny_ckpt):
-    return load_system(tiny_ckpt)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def t2i_context(system, width=64, height=64, prompt="a red circle"):
@@ -50,28 +35,46 @@ def t2i_context(system, width=64, height=64, prompt="a red circle"):
     return prefix, unconditional_ids(prefix, layout), plan
 
 
-def test_same_seed_same_image(system):
-    a, _ = sample_images(system, "a red circle", seed=3, num_samples=2)
-    b, _ = sample_images(system, "a red circle", seed=3, num_samples=2)
-    c, _ = sample_images(system, "a red circle", seed=4, num_samples=2)
+def test_same_seed_same_image(tiny_system):
+    a, _ = sample_images(tiny_system, "a red circle", seed=3, num_samples=2)
+    b, _ = sample_images(tiny_system, "a red circle", seed=3, num_samples=2)
+    c, _ = sample_images(tiny_system, "a red circle", seed=4, num_samples=2)
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
 
 
+def naive_generate(model, layout, prefix, uncond_prefix, plan, cfg_scale, top_k, temperature, generator):
+    """The naive reference: no cache, the whole sequence recomputed each step, the conditional and
+    unconditional contexts as two separate sequences, as the official code runs them. One sample."""
+    cond, uncond = list(prefix), list(uncond_prefix)
+    with torch.no_grad():
+        for i in range(len(plan)):
+            logits = model(torch.tensor([cond]))[:, -1:]
+            if cfg_scale != 1.0:
+                logits = torch.cat([logits, model(torch.tensor([uncond]))[:, -1:]])
+            token = int(sample_from(logits_to_probs(logits, plan[i:i + 1], layout, cfg_scale, top_k, temperature),
+                                    generator))
+            cond.append(token)
+            uncond.append(token)
+    return torch.tensor([cond[len(prefix):]])
+
+
 @pytest.mark.parametrize("top_k, temperature", [(1, 1.0), (50, 1.0)])
-def test_cached_batched_cfg_equals_uncached_separate_passes(system, top_k, temperature):
+def test_cached_batched_cfg_equals_uncached_separate_passes(tiny_system, top_k, temperature):
     """Static cache + CFG as one left-padded batch of two == recomputing everything with the
     unconditional context as its own sequence (the official way), token for token."""
-    prefix, uncond, plan = t2i_context(system)
-    cached, _ = generate(system.model, system.layout, prefix, uncond, plan, cfg_scale=3.0, top_k=top_k,
-                         temperature=temperature, generator=torch.Generator().manual_seed(7))
-    naive = generate_uncached(system.model, system.layout, prefix, uncond, plan, cfg_scale=3.0, top_k=top_k,
-                              temperature=temperature, generator=torch.Generator().manual_seed(7))
+    prefix, uncond, plan = t2i_context(tiny_system)
+    kw = dict(cfg_scale=3.0, top_k=top_k, temperature=temperature)
+    cached, _ = generate(tiny_system.model, tiny_system.layout, prefix, uncond, plan,
+                         generator=torch.Generator().manual_seed(7), **kw)
+    naive = naive_generate(tiny_system.model, tiny_system.layout, prefix, uncond, plan,
+                           generator=torch.Generator().manual_seed(7), **kw)
     assert torch.equal(cached, naive)
 
 
-def test_cfg_one_is_conditional_only(system):
+def test_cfg_one_is_conditional_only(tiny_system):
     """cfg 1 == sampling from the conditional logits alone (no unconditional rows at all)."""
+    system = tiny_system
     prefix, uncond, plan = t2i_context(system)
     with_cfg1, _ = generate(system.model, system.layout, prefix, uncond, plan, cfg_scale=1.0, top_k=20,
                             temperature=1.0, generator=torch.Generator().manual_seed(5))
@@ -93,17 +96,17 @@ def test_cfg_one_is_conditional_only(system):
 
 
 @pytest.mark.parametrize("width, height", [(64, 64), (128, 64), (64, 128), (32, 96)])
-def test_every_sample_decodes(system, width, height):
+def test_every_sample_decodes(tiny_system, width, height):
     """50 samples per size (200 in all) from an untrained model: the structure constraint makes
     every one a valid Uni-Rep block of the requested size."""
-    images, stats = sample_images(system, "a blue star", width=width, height=height, num_samples=50,
+    images, stats = sample_images(tiny_system, "a blue star", width=width, height=height, num_samples=50,
                                   cfg=2.0, seed=1)
     assert len(images) == 50 and all(im.size == (width, height) for im in images)
     assert stats["codes"].shape == (50, height // 8, width // 8)
 
 
-def test_structure_constraint_forces_eol_and_end(system):
-    layout = system.layout
+def test_structure_constraint_forces_eol_and_end(tiny_system):
+    layout = tiny_system.layout
     plan = image_body_plan(2, 3, layout)
     logits = torch.randn(1, len(plan), layout.vocab_size) * 10
     probs = logits_to_probs(logits, plan, layout, 1.0, 0, 1.0)
@@ -112,12 +115,12 @@ def test_structure_constraint_forces_eol_and_end(system):
     assert torch.allclose(probs[0, 0, off:off + n].sum(), torch.tensor(1.0))
 
 
-def test_reference_panel_is_kept_exactly(system, tmp_path):
+def test_reference_panel_is_kept_exactly(tiny_system, tmp_path):
     ref = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     ref.save(tmp_path / "ref.png")
-    images, stats = sample_images(system, "a green star", task="edge", ref=str(tmp_path / "ref.png"),
+    images, stats = sample_images(tiny_system, "a green star", task="edge", ref=str(tmp_path / "ref.png"),
                                   num_samples=3, seed=2)
-    expected = system.codec.encode(torch.from_numpy(np.array(ref)).permute(2, 0, 1)[None].float() / 127.5 - 1)
+    expected = tiny_system.codec.encode(torch.from_numpy(np.array(ref)).permute(2, 0, 1)[None].float() / 127.5 - 1)
     assert images[0].size == (64, 128)
     assert torch.equal(stats["codes"][:, :8], expected.expand(3, -1, -1))
 
@@ -126,6 +129,51 @@ def test_grid_layout():
     tiles = [Image.new("RGB", (4, 6), c) for c in ("red", "green", "blue")]
     grid = make_grid(tiles, columns=2)
     assert grid.size == (8, 12) and grid.getpixel((5, 1)) == (0, 128, 0) and grid.getpixel((1, 7)) == (0, 0, 255)
+
+# -----------------------------------------------------------------------------
+# best-of-N: an edit is judged against its expected result
+
+
+def test_edit_spec_matches_the_worlds_own_edits():
+    """Two independent computations: shapes.make_task edits a scene and writes the instruction;
+    edit_spec reads the instruction back against the detected upper panel. The world's lower panel
+    must pass the spec we read (score 1.0) and its unedited upper panel must not (a move excepted: the
+    verifier's halves have no margin, the world's moves start 4 px outside the half)."""
+    rng, kinds = random.Random(0), set()
+    for _ in range(40):
+        upper, lower, truth = shapes.make_task(rng, "edit")
+        spec = edit_spec(upper, truth["prompt"])
+        kinds.add(truth["prompt"].split()[0])
+        assert verify.verify(lower, spec) == 1.0, truth["prompt"]
+        assert verify.verify(upper, spec) < 1.0 or "moved" in spec, truth["prompt"]
+    assert kinds >= {"add", "move", "change"}, kinds  # several kinds of edit were exercised
+
+
+@pytest.mark.parametrize("instruction, message", [
+    ("paint it like Monet", "cannot verify the edit"),
+    ("make the red star blue", "cannot verify the edit"),  # the reference shows no red star
+])
+def test_unreadable_edit_fails_before_sampling(tiny_ckpt, tmp_path, monkeypatch, instruction, message):
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: pytest.fail("sampled before refusing"))
+    with pytest.raises(ValueError, match=message) as e:
+        main(["--ckpt", str(tiny_ckpt), "--task", "edit", "--ref", str(SCENE), "--prompt", instruction,
+              "--best_of", "2", "--out", str(tmp_path)])
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_best_of_an_edit_scores_the_lower_panel(tiny_ckpt, tmp_path, capsys):
+    """The --task edit --best_of bug: it now samples, scores each lower panel and keeps the best."""
+    main(["--ckpt", str(tiny_ckpt), "--task", "edit", "--ref", str(SCENE), "--prompt", "make the blue circle red",
+          "--best_of", "2", "--out", str(tmp_path)])
+    assert "best of 2: sample" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*_s0_0.png"))) == 1 and len(list(tmp_path.glob("*_lower.png"))) == 1
+    score = make_scorer("shapes", "edit", "make the blue circle red", Image.open(SCENE))
+    expected = shapes.Scene((shapes.Obj("square", "purple", 3, 4, 21), shapes.Obj("circle", "red", 30, 25, 21)))
+    assert score(stack_panels(Image.open(SCENE), shapes.render(expected))) == 1.0
+    assert score(stack_panels(Image.open(SCENE), Image.open(SCENE))) < 1.0
+
+# -----------------------------------------------------------------------------
+# --think and the command line
 
 
 class StubChat(http.server.BaseHTTPRequestHandler):
@@ -155,36 +203,35 @@ def test_think_rewrites_through_a_loopback_server_and_falls_back(capsys):
     assert "using the prompt as given" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", "x", "--width", "100"], "width 100 is not a multiple of 32; try 96 or 128"),
-    (["--prompt", "x", "--task", "paint"], "unknown task 'paint'"),
-    (["--prompt", "x", "--task", "edge"], "needs --ref"),
-    (["--prompt", "x", "--task", "edge", "--ref", "missing.png"], "does not exist"),
-    (["--prompt", "x", "--task", "edge", "--ref", "CORRUPT"], "cannot read reference image"),
-    (["--prompt", "  "], "the prompt is empty"),
-    (["--prompt", "x", "--width", "1024", "--height", "1024"], "exceed"),
+@pytest.mark.parametrize("args, error, message", [
+    (["--width", "100"], ValueError, "width 100 is not a multiple of 32; try 96 or 128"),
+    (["--task", "paint"], ValueError, "unknown task 'paint'"),
+    (["--task", "edge"], ValueError, "needs --ref"),
+    (["--task", "edge", "--ref", "missing.png"], FileNotFoundError, "does not exist"),
+    (["--task", "edge", "--ref", "CORRUPT"], ValueError, "cannot read reference image"),
+    (["--prompt", "  "], ValueError, "the prompt is empty"),
+    (["--width", "1024", "--height", "1024"], ValueError, "exceed"),
+    (["--best_of", "0"], ValueError, "must be >= 1"),
 ])
-def test_bad_input_is_one_line(tiny_ckpt, tmp_path, args, message):
+def test_bad_input_is_one_line(tiny_ckpt, tmp_path, args, error, message):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    args = [str(corrupt) if a == "CORRUPT" else a for a in args]
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tiny_ckpt), "--out", str(tmp_path)] + args,
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    args = [str(corrupt) if a == "CORRUPT" else a for a in ["--prompt", "x"] + args]
+    with pytest.raises(error, match=message) as e:
+        main(["--ckpt", str(tiny_ckpt), "--out", str(tmp_path)] + args)
+    assert len(str(e.value).splitlines()) == 1
+    assert [p.name for p in tmp_path.glob("*.png")] == ["corrupt.png"]  # nothing written
 
 
-def test_missing_checkpoint_is_one_line(tmp_path):
+def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
+    """The one real process: the __main__ handler turns the error into one line, no traceback."""
     proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_cli_writes_samples_and_grid(tiny_ckpt, tmp_path):
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tiny_ckpt), "--prompt", "a red circle",
-                           "--num_samples", "3", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+def test_cli_writes_samples_and_grid(tiny_ckpt, tmp_path, capsys):
+    main(["--ckpt", str(tiny_ckpt), "--prompt", "a red circle", "--num_samples", "3", "--out", str(tmp_path)])
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert len(pngs) == 4 and any("grid" in p for p in pngs) and "tokens/s" in proc.stdout
+    assert len(pngs) == 4 and any("grid" in p for p in pngs) and "219 tokens" in capsys.readouterr().out

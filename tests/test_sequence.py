@@ -1,4 +1,5 @@
-"""Tests of sequence.py: Uni-Rep blocks, official ids and templates, loss masks, dual panels, shards.
+"""Tests of sequence.py (Uni-Rep blocks, official ids and templates, loss masks, dual panels) and of
+the token shards of data/shards.py.
 
 The official tokenizer is not downloaded: `official_tokenizer` writes a small tokenizer.json whose
 special strings sit at the ids of the official one (Qwen2.5 vocab 0..151642, its 22 specials from
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 import sequence as S
+from data.shards import ShardWriter, load_shards
 
 
 def _added(content, i):
@@ -26,7 +28,7 @@ def official_tokenizer(tmp_path_factory):
                 S.IMAGE_START: 151665, S.IMAGE_END: 151666, "<reserved08796>": 151667,
                 "<reserved08797>": 151668, "<reserved08798>": 151669, S.EOL: 151670}
     specials.update({S.size_token(n): 151671 + n for n in range(0, 65)})
-    specials[S.SEP] = 151800  # its real id is not in the spec (UNSURE); the layout reads it by string
+    specials[S.SEP] = 151800  # its real id is not documented (UNSURE); the layout reads it by string
     words = ["a", "photo", "of", "star", "Generate", "an", "image"]
     vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}, **specials}
     tj = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None,
@@ -48,15 +50,15 @@ def ours(tmp_path_factory):
 
 
 def test_official_layout_ids(official_tokenizer):
-    """The official layout finds the §2.2 ids by string and puts codes at 155000."""
+    """The official layout finds the special ids (docs/tokens.md §2) by string and puts codes at 155000."""
     L = S.TokenLayout.official(official_tokenizer)
     assert (L.bos_id, L.image_start_id, L.image_end_id, L.eol_id) == (151643, 151665, 151666, 151670)
-    assert L.size_id(768) == official_tokenizer.token_to_id("<reserved08824>")
+    assert L.size_id(768) == official_tokenizer.hf.token_to_id("<reserved08824>")
     assert L.image_code_offset == 155000 and L.vocab_size == 155000 + 16384
 
 
 def test_official_768_is_9316_tokens(official_tokenizer):
-    """A 768x768 image is 96 rows of 96 codes + EOL, plus start, two sizes and end = 9,316 tokens (§2.3)."""
+    """A 768x768 image is 96 rows of 96 codes + EOL, + start, two sizes, end = 9,316 tokens (docs/tokens.md §3)."""
     L = S.TokenLayout.official(official_tokenizer)
     ids = S.image_to_ids(torch.zeros(96, 96, dtype=torch.long), L)
     assert len(ids) == 9316
@@ -100,7 +102,7 @@ def test_malformed_blocks_raise_clear_errors(ours):
 
 
 def test_templates_are_the_official_strings():
-    """Templates reproduce the strings of the official generate.py / pre_tokenize.py (spec §6)."""
+    """Templates reproduce the strings of the official generate.py / pre_tokenize.py (docs/tokens.md §5)."""
     assert S.t2i_prompt("a red star", 768, 768) == (
         "Generate an image of 768x768 according to the following prompt:\na red star")
     assert S.t2i_prompt("a red star") == "Generate an image according to the following prompt:\na red star"
@@ -143,7 +145,7 @@ def test_loss_mask_covers_image_and_trailing_sep(ours):
     assert ids.tolist() == prompt + S.image_to_ids(codes, L) + [L.sep_id]
     assert mask.tolist() == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
     ids, mask = S.make_example(tok, L, "ignored", codes, drop_text=True)
-    assert ids.tolist() == S.image_to_ids(codes, L)  # no BOS, no text, no final SEP (§7)
+    assert ids.tolist() == S.image_to_ids(codes, L)  # no BOS, no text, no final SEP (docs/tokens.md §7)
     assert mask.tolist() == [0] + [1] * (len(ids) - 1)
 
 
@@ -151,7 +153,7 @@ def test_i2i_prefix_continues_into_the_lower_panel(ours):
     """The i2i prefix + the lower rows + image end is the full dual-panel block."""
     tok, L = ours
     full = torch.randint(0, L.codebook_size, (8, 4))
-    upper, lower = S.split_panels(full)
+    upper, lower = full[:4], full[4:]
     prefix = S.i2i_prefix_ids(tok, L, "x", upper)
     prompt = S.prompt_ids(tok, L, "x")
     assert prefix[:len(prompt)] == prompt
@@ -160,15 +162,12 @@ def test_i2i_prefix_continues_into_the_lower_panel(ours):
 
 
 def test_dual_panel_stack_and_split():
-    """stack_panels then split_panels gives the panels back, for PIL images and tensors."""
+    """stack_panels then split_panels gives the panels back."""
     a, b = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 255))
     dual = S.stack_panels(a, b)
     assert dual.size == (64, 128) and dual.getpixel((0, 127)) == (0, 0, 255)
     up, lo = S.split_panels(dual)
     assert up.tobytes() == a.tobytes() and lo.tobytes() == b.tobytes()
-    x, y = torch.rand(3, 16, 8), torch.rand(3, 16, 8)
-    u, l = S.split_panels(S.stack_panels(x, y))
-    assert torch.equal(u, x) and torch.equal(l, y)
 
 
 def test_tokenizer_round_trip_and_layout_dict(ours):
@@ -176,7 +175,7 @@ def test_tokenizer_round_trip_and_layout_dict(ours):
     survives meta.json."""
     tok, L = ours
     text = "a photo of a red star\nleft of a blue circle"
-    assert tok.decode(tok.encode(text)) == text
+    assert tok.hf.decode(tok.encode(text), skip_special_tokens=False) == text
     assert tok.encode(S.SEP) == [L.sep_id]
     assert L.image_code_offset == tok.vocab_size and len(L.size_token_ids) == S.MAX_GRIDS
     assert S.TokenLayout(**json.loads(json.dumps(L.to_dict()))) == L
@@ -187,16 +186,17 @@ def test_shards_atomic_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     examples = [(rng.integers(0, 1000, n).astype(np.int32), rng.integers(0, 2, n).astype(np.uint8))
                 for n in (5, 17, 3)]
-    with S.ShardWriter(str(tmp_path), "train") as w:
-        for ids, mask in examples:
-            w.add(ids, mask)
-    ids, mask, offsets = S.load_shards(str(tmp_path), "train")
+    w = ShardWriter(tmp_path, "train")
+    for ids, mask in examples:
+        w.add(ids, mask)
+    w.close()
+    ids, mask, offsets = load_shards(tmp_path, "train")
     assert offsets.tolist() == [0, 5, 22, 25]
     for k, (i, m) in enumerate(examples):
         assert ids[offsets[k]:offsets[k + 1]].tolist() == i.tolist()
         assert mask[offsets[k]:offsets[k + 1]].tolist() == m.tolist()
-    w = S.ShardWriter(str(tmp_path), "val")
+    w = ShardWriter(tmp_path, "val")
     w.add(*examples[0])  # killed before close()
     assert not os.path.exists(tmp_path / "val.offsets.npy")
     with pytest.raises(FileNotFoundError, match="no val shard"):
-        S.load_shards(str(tmp_path), "val")
+        load_shards(tmp_path, "val")

@@ -11,6 +11,7 @@ from PIL import Image
 import shapes
 from model import Transformer
 from sample import load_system, main, sample_images
+from verify import verify_prompt
 from vq import MoVQGAN
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -28,7 +29,7 @@ def system(one_thread):
 def draws_accepted(system, prompt):
     """How many of DRAWS independent draws the verifier accepts in full."""
     images, _ = sample_images(system, prompt, num_samples=DRAWS, seed=0)
-    return sum(shapes.verify_prompt(image, prompt) >= 1.0 for image in images)
+    return sum(verify_prompt(image, prompt) >= 1.0 for image in images)
 
 
 def test_shipped_codec_reaches_32_db_on_held_out_images():

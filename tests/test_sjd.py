@@ -8,9 +8,8 @@ import torch
 
 import sjd
 from model import ModelConfig, Transformer
-from sample import generate, logits_to_probs
+from sample import generate, logits_to_probs, make_step
 from sequence import TokenLayout, image_body_plan, image_header_ids, prompt_ids, t2i_prompt, unconditional_ids
-from test_sample import system, tiny_ckpt  # noqa: F401 (pytest fixtures)
 
 
 def t2i_context(system, width, height):
@@ -22,9 +21,10 @@ def t2i_context(system, width, height):
 
 @pytest.mark.parametrize("width, height, window, init", [(64, 64, 16, "random"), (96, 64, 16, "spatial"),
                                                           (32, 96, 5, "random")])
-def test_greedy_sjd_equals_greedy_plain(system, width, height, window, init):
+def test_greedy_sjd_equals_greedy_plain(tiny_system, width, height, window, init):
     """top_k 1 with CFG: every SJD pass must reproduce plain decoding's argmax chain exactly,
     through rejections, cache rewinds and the window pinned at the image end."""
+    system = tiny_system
     prefix, uncond, plan = t2i_context(system, width, height)
     kw = dict(num_samples=2, cfg_scale=3.0, top_k=1, temperature=1.0)
     plain, plain_stats = generate(system.model, system.layout, prefix, uncond, plan, **kw)
@@ -36,9 +36,10 @@ def test_greedy_sjd_equals_greedy_plain(system, width, height, window, init):
 
 
 @pytest.mark.parametrize("init, top_k, cfg", [("random", 50, 2.0), ("spatial", 0, 1.0)])
-def test_never_more_passes_than_plain(system, init, top_k, cfg):
+def test_never_more_passes_than_plain(tiny_system, init, top_k, cfg):
     """Every pass finalises at least one token per row, so SJD never needs more passes; forced
     positions (EOL, image end) come out as forced, with or without CFG rows."""
+    system = tiny_system
     prefix, uncond, plan = t2i_context(system, 64, 64)
     tokens, stats = generate(system.model, system.layout, prefix, uncond, plan, num_samples=3, cfg_scale=cfg,
                              top_k=top_k, temperature=1.0, sjd_window=16, sjd_init=init,
@@ -182,15 +183,15 @@ def test_top_n_sigma_is_opt_in(toy):
     assert torch.equal(sjd.filter_top_n_sigma(one_hot, 1.0), one_hot)  # greedy stays greedy
     # through sjd_generate: every code drawn lies inside the filtered support
     model, plan, _, _ = toy
-    idx = torch.tensor([TOY_PREFIX])
+    idx, key_mask = torch.tensor([TOY_PREFIX]), torch.ones(1, 24, dtype=torch.bool)
     model.setup_caches(1, 24)
     with torch.no_grad():
         logits = model(idx, torch.arange(idx.shape[1]))[:, -1:]
 
         def probs_fn(out, positions_plan):
             return logits_to_probs(out, positions_plan, TOY, cfg_scale=1.0, top_k=0, temperature=1.0)
-        tokens, stats = sjd.sjd_generate(model, logits, plan, len(TOY_PREFIX), torch.ones(1, 24, dtype=torch.bool),
-                                         probs_fn, window=4, use_cfg=False, layout=TOY, top_n_sigma=0.5,
+        tokens, stats = sjd.sjd_generate(make_step(model, key_mask, use_cfg=False), logits, plan, len(TOY_PREFIX),
+                                         probs_fn, TOY, window=4, top_n_sigma=0.5,
                                          generator=torch.Generator().manual_seed(0))
         model.clear_caches()
         full = model(torch.cat([idx, tokens], 1))[:, len(TOY_PREFIX) - 1:-1]  # (1, n, V)
@@ -198,14 +199,13 @@ def test_top_n_sigma_is_opt_in(toy):
     assert bool((allowed.gather(-1, tokens[..., None]) > 0).all()) and stats["forward_passes"] <= len(plan)
 
 
-def test_two_token_plan_falls_back_to_one_plain_step(system):
+def test_two_token_plan_falls_back_to_one_plain_step(tiny_system):
     """A plan of two tokens leaves no room for drafts: SJD takes one plain step and matches greedy."""
-    import sample
-    layout = system.layout
+    system, layout = tiny_system, tiny_system.layout
     plan = torch.tensor([-1, layout.eol_id])
     prefix = [layout.bos_id, layout.image_start_id, layout.size_id(32), layout.size_id(32)]
     uncond = prefix[1:]
     kw = dict(num_samples=2, cfg_scale=3.0, top_k=1, generator=torch.Generator().manual_seed(0))
-    plain, _ = sample.generate(system.model, layout, prefix, uncond, plan, **kw)
-    fast, stats = sample.generate(system.model, layout, prefix, uncond, plan, sjd_window=16, **kw)
+    plain, _ = generate(system.model, layout, prefix, uncond, plan, **kw)
+    fast, stats = generate(system.model, layout, prefix, uncond, plan, sjd_window=16, **kw)
     assert torch.equal(plain, fast) and stats["forward_passes"] == 2

@@ -1,37 +1,69 @@
 """train.py: it learns, DDP equals gradient accumulation, FSDP2 equals DDP, a killed run resumes
-bitwise-exactly, and half-written checkpoints are never picked up. Runs the real script."""
+bitwise-exactly, and half-written checkpoints are never picked up. Runs the real script: in this
+process where one process will do (runpy), in child processes for SIGTERM and the two-rank runs."""
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
-import time
+from contextlib import redirect_stdout
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from sequence import ShardWriter
+from data.shards import ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs match the 1-thread child processes bit for bit
+
+# Two gloo ranks, forked from one launch that imported torch once; each rank runs train.py once per
+# argument list, each run with a fresh rendezvous port (re-initialising under one torchrun would
+# reuse its store's keys). The environment is what torchrun sets.
+TWO_RANKS = r"""
+import json, multiprocessing, os, runpy, socket, sys
+import torch.distributed.fsdp, model, data.shards  # what train.py imports, once, before the fork
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def rank_main(rank, runs):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    for port, args in runs:
+        os.environ["MASTER_PORT"] = str(port)
+        sys.argv = ["train.py", *args]
+        runpy.run_path("train.py")
+
+runs = [(free_port(), args) for args in json.loads(sys.argv[1])]
+ranks = [multiprocessing.get_context("fork").Process(target=rank_main, args=(r, runs)) for r in range(2)]
+for p in ranks:
+    p.start()
+for p in ranks:
+    p.join()
+sys.exit(max(p.exitcode for p in ranks))
+"""
 
 
 def write_data(folder, n=64, seed=0, vocab=300):
     rng = np.random.default_rng(seed)
     for split in ("train", "val"):
-        with ShardWriter(folder, split) as w:
-            for _ in range(n if split == "train" else 8):
-                length = int(rng.integers(20, 40))
-                ids = rng.integers(0, vocab, length)
-                mask = np.zeros(length, np.uint8)
-                mask[length // 2:] = 1  # like a prompt followed by a supervised image block
-                w.add(ids, mask)
+        w = ShardWriter(folder, split)
+        for _ in range(n if split == "train" else 8):
+            length = int(rng.integers(20, 40))
+            mask = np.zeros(length, np.uint8)
+            mask[length // 2:] = 1  # like a prompt followed by a supervised image block
+            w.add(rng.integers(0, vocab, length), mask)
+        w.close()
     (Path(folder) / "meta.json").write_text(json.dumps({"vocab_size": vocab}))
 
 
-def common(tmp_path, data, out, **kw):
+def common(data, out, **kw):
     args = dict(model_name="tiny", data_dir=str(data), out_dir=str(out), batch_size=4, max_iters=6,
                 learning_rate=1e-3, min_lr=1e-4, warmup_iters=2, lr_decay_iters=6, dropout=0.0,
                 eval_interval=1000, log_interval=1, checkpoint_interval=1000, device="cpu")
@@ -39,12 +71,18 @@ def common(tmp_path, data, out, **kw):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def run(args, nproc=1):
-    launcher = [sys.executable, "train.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
-    proc = subprocess.run(launcher + args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+def train(args):
+    """train.py in this process; returns what it printed. Its SIGTERM/SIGINT handlers are undone after."""
+    handlers, argv = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}, sys.argv
+    sys.argv, log = [str(REPO / "train.py"), *args], StringIO()
+    try:
+        with redirect_stdout(log):
+            runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return log.getvalue()
 
 
 def final_weights(out):
@@ -59,31 +97,26 @@ def losses(stdout):
 def test_overfits_one_batch(tmp_path):
     """A single repeated sequence is memorised: the loss falls from ~log(V) to near zero."""
     write_data(tmp_path / "data", n=1)
-    out = run(common(tmp_path, tmp_path / "data", tmp_path / "out", max_iters=150, learning_rate=3e-3,
-                     warmup_iters=5, lr_decay_iters=150, batch_size=2))
-    curve = losses(out)
+    curve = losses(train(common(tmp_path / "data", tmp_path / "out", max_iters=50, learning_rate=1e-2,
+                                warmup_iters=5, lr_decay_iters=50, batch_size=2)))
     assert curve[0] > 4.0 and curve[-1] < 0.1, curve[::10]
 
 
-def test_ddp_two_processes_equal_gradient_accumulation(tmp_path):
-    """2 gloo ranks x 1 micro-batch == 1 process x 2 micro-batches over the same global batch."""
-    write_data(tmp_path / "data")
-    run(common(tmp_path, tmp_path / "data", tmp_path / "single", gradient_accumulation_steps=2, max_iters=4))
-    run(common(tmp_path, tmp_path / "data", tmp_path / "ddp", max_iters=4), nproc=2)
-    a, b = final_weights(tmp_path / "single"), final_weights(tmp_path / "ddp")
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-5, rtol=0, err_msg=k)
-
-
-def test_fsdp2_matches_ddp(tmp_path):
-    """FSDP2 (fully_shard per block) on 2 gloo ranks trains the same weights as DDP."""
-    write_data(tmp_path / "data")
-    run(common(tmp_path, tmp_path / "data", tmp_path / "ddp", max_iters=4), nproc=2)
-    run(common(tmp_path, tmp_path / "data", tmp_path / "fsdp", max_iters=4, parallel="fsdp"), nproc=2)
-    a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "fsdp")
-    for k in a:
-        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), atol=1e-5, rtol=0, err_msg=k)
+def test_two_ranks_ddp_equals_accumulation_and_fsdp2_equals_ddp(tmp_path):
+    """2 gloo ranks x 1 micro-batch (DDP) == 1 process x 2 micro-batches over the same global batch,
+    and FSDP2 (fully_shard per block) on 2 ranks trains the same weights as DDP."""
+    data = tmp_path / "data"
+    write_data(data)
+    train(common(data, tmp_path / "single", gradient_accumulation_steps=2, max_iters=4))
+    runs = [common(data, tmp_path / "ddp", max_iters=4), common(data, tmp_path / "fsdp", max_iters=4, parallel="fsdp")]
+    proc = subprocess.run([sys.executable, "-c", TWO_RANKS, json.dumps(runs)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    single, ddp, fsdp = (final_weights(tmp_path / name) for name in ("single", "ddp", "fsdp"))
+    assert single.keys() == ddp.keys() == fsdp.keys()
+    for k in single:
+        np.testing.assert_allclose(single[k].numpy(), ddp[k].numpy(), atol=1e-5, rtol=0, err_msg=k)
+        np.testing.assert_allclose(ddp[k].numpy(), fsdp[k].numpy(), atol=1e-5, rtol=0, err_msg=k)
 
 
 def test_killed_run_resumes_bitwise(tmp_path):
@@ -91,8 +124,8 @@ def test_killed_run_resumes_bitwise(tmp_path):
     write_data(tmp_path / "data")
     n = 60
     kw = dict(max_iters=n, lr_decay_iters=n, dropout=0.1)
-    run(common(tmp_path, tmp_path / "data", tmp_path / "full", **kw))
-    proc = subprocess.Popen([sys.executable, "train.py"] + common(tmp_path, tmp_path / "data", tmp_path / "cut", **kw),
+    train(common(tmp_path / "data", tmp_path / "full", **kw))
+    proc = subprocess.Popen([sys.executable, "train.py"] + common(tmp_path / "data", tmp_path / "cut", **kw),
                             cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # stop once training is under way
         if line.startswith("step 3:"):
@@ -102,7 +135,7 @@ def test_killed_run_resumes_bitwise(tmp_path):
     assert proc.wait(timeout=120) == 0, rest
     stopped_at = int(sorted(p.name for p in (tmp_path / "cut").glob("ckpt-*"))[-1].split("-")[1])
     assert 3 <= stopped_at < n, "the run should have stopped early"
-    run(common(tmp_path, tmp_path / "data", tmp_path / "cut", init_from="resume", **kw))
+    train(common(tmp_path / "data", tmp_path / "cut", init_from="resume", **kw))
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     for k in a:
         assert np.array_equal(a[k].numpy(), b[k].numpy()), k
@@ -110,23 +143,22 @@ def test_killed_run_resumes_bitwise(tmp_path):
 
 def test_half_written_checkpoint_is_never_resumed(tmp_path):
     """A checkpoint folder that was being written when the run died (.tmp) is ignored; a corrupt
-    finished one fails with a message saying what to do."""
+    finished one stops the run with a message (no traceback) saying what to do."""
     write_data(tmp_path / "data")
-    run(common(tmp_path, tmp_path / "data", tmp_path / "out", max_iters=2, checkpoint_interval=1))
+    train(common(tmp_path / "data", tmp_path / "out", max_iters=2, checkpoint_interval=1))
     half = tmp_path / "out" / "ckpt-00000099.tmp"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"garbage")
-    out = run(common(tmp_path, tmp_path / "data", tmp_path / "out", max_iters=3, init_from="resume"))
+    out = train(common(tmp_path / "data", tmp_path / "out", max_iters=3, init_from="resume"))
     assert "resuming from" in out and "ckpt-00000002" in out
     (tmp_path / "out" / "ckpt-00000003" / "train_state.pt").write_bytes(b"truncated")
-    proc = subprocess.run([sys.executable, "train.py"] + common(tmp_path, tmp_path / "data", tmp_path / "out",
-                                                                max_iters=4, init_from="resume"),
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "unreadable" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as stop:
+        train(common(tmp_path / "data", tmp_path / "out", max_iters=4, init_from="resume"))
+    assert isinstance(stop.value.code, str) and "unreadable" in stop.value.code  # a message, not a traceback
 
 
-def test_bad_settings_are_rejected(tmp_path):
+def test_bad_settings_are_rejected():
     for bad, message in (("--learning_rat=1e-3", "unknown setting"), ("--max_iters=fast", "expected int")):
-        proc = subprocess.run([sys.executable, "train.py", bad], cwd=REPO, env=ENV, capture_output=True,
-                              text=True, timeout=60)
-        assert proc.returncode != 0 and message in proc.stderr
+        with pytest.raises(SystemExit) as stop:
+            train([bad])
+        assert isinstance(stop.value.code, str) and message in stop.value.code

@@ -1,6 +1,8 @@
-"""vq.py: the module tree equals the official state-dict layout, official-layout checkpoints load
-and match a functional re-computation written straight from the spec, the quantizer is a true
-straight-through nearest-code lookup, bad checkpoints fail loudly, and training resumes exactly."""
+"""vq.py and train_vq.py: the module tree equals the official state-dict layout, official-layout
+checkpoints load and match a functional re-computation written from docs/codec.md §2, the quantizer is
+a true straight-through nearest-code lookup, bad checkpoints fail loudly, and training resumes exactly."""
+import runpy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from vq import MoVQGAN, TrainConfig, VQConfig, VectorQuantizer, center_crop, mosaic, pil_to_tensor, ssim, \
-    tensor_to_pil, train
+from vq import MoVQGAN, VQConfig, VectorQuantizer, center_crop, mosaic, pil_to_tensor, ssim, tensor_to_pil
 
-KEYS_270M = Path(__file__).parent / "data" / "movqgan_270M_keys.txt"  # copy of shared/specs/
+KEYS_270M = Path(__file__).parent / "data" / "movqgan_270M_keys.txt"  # the official 270M key list
+TRAIN_VQ = Path(__file__).parent.parent / "train_vq.py"
 
 
 def tiny_codec(seed=0):
@@ -27,24 +29,7 @@ def tiny_codec(seed=0):
     return model
 
 
-def shape_images(n, size, seed):
-    """Stand-in training data: random flat rectangles and circles on white (not shapes.py)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, size, size, 3), np.uint8)
-    for i in range(n):
-        img = Image.new("RGB", (size, size), (255, 255, 255))
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(1, 4)):
-            x0, y0 = rng.integers(0, size - 16, 2)
-            w, h = rng.integers(8, 24, 2)
-            box = (int(x0), int(y0), int(x0 + w), int(y0 + h))
-            color = tuple(int(c) for c in rng.integers(0, 256, 3))
-            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
-        out[i] = np.asarray(img)
-    return out
-
-
-# -- an independent, functional MoVQGAN written from movqgan.md §2, reading the state dict directly
+# -- an independent, functional MoVQGAN written from docs/codec.md §2, reading the state dict directly
 
 
 def _conv(sd, name, x, stride=1, padding=None):
@@ -117,13 +102,13 @@ def reference_decode(sd, codes, g, levels=4):
 
 def test_270M_state_dict_equals_official_keys_and_shapes():
     """Every official key name and shape, and nothing else (meta device: no memory)."""
-    spec = {}
+    official = {}
     for line in KEYS_270M.read_text().splitlines():
         key, shape = line.split(" ", 1)
-        spec[key] = [int(s) for s in shape.strip("[]").split(",")]
+        official[key] = [int(s) for s in shape.strip("[]").split(",")]
     with torch.device("meta"):
         ours = {k: list(v.shape) for k, v in MoVQGAN(VQConfig.from_name("270M")).state_dict().items()}
-    assert ours == spec
+    assert ours == official
 
 
 @pytest.mark.parametrize("name,count", [("67M", 67_832_495), ("102M", 101_614_255), ("270M", 270_669_103)])
@@ -136,7 +121,7 @@ def test_released_parameter_counts(name, count):
 
 def test_official_layout_checkpoint_loads_and_matches_reference(tmp_path):
     """A plain torch.save of an official-named state dict (+ loss.* keys) loads; encode/decode equal
-    the writer's and a functional re-computation from the spec; .safetensors and our folder too."""
+    the writer's and a functional re-computation from docs/codec.md; .safetensors and our folder too."""
     writer = tiny_codec()
     state = writer.state_dict()
     official = dict(state, **{"loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4),
@@ -219,13 +204,13 @@ def test_bad_checkpoints_fail_with_clear_messages(tmp_path):
         MoVQGAN.from_pretrained(tmp_path / "corrupt.safetensors", config="tiny")
     missing = {k: v for k, v in state.items() if k != "decoder.conv_out.bias"}
     torch.save(missing, tmp_path / "missing.ckpt")
-    with pytest.raises(ValueError, match=r"1 missing key\(s\): decoder.conv_out.bias$"):
+    with pytest.raises(ValueError, match=r"missing: decoder.conv_out.bias$"):
         MoVQGAN.from_pretrained(tmp_path / "missing.ckpt", config="tiny")
     torch.save(dict(state, **{"quantize.embedding.weight": torch.zeros(65, 4)}), tmp_path / "shape.ckpt")
-    with pytest.raises(ValueError, match=r"misshaped key\(s\): quantize.embedding.weight \[65, 4\] \(expected \[64, 4\]\)"):
+    with pytest.raises(ValueError, match=r"misshaped: quantize.embedding.weight \[65, 4\] vs model \[64, 4\]"):
         MoVQGAN.from_pretrained(tmp_path / "shape.ckpt", config="tiny")
     torch.save(dict(state, extra=torch.zeros(1)), tmp_path / "extra.ckpt")
-    with pytest.raises(ValueError, match=r"1 unexpected key\(s\): extra"):
+    with pytest.raises(ValueError, match=r"unexpected: extra$"):
         MoVQGAN.from_pretrained(tmp_path / "extra.ckpt", config="tiny")
     with pytest.raises(FileNotFoundError):
         MoVQGAN.from_pretrained(tmp_path / "absent.ckpt", config="tiny")
@@ -278,22 +263,27 @@ def test_mosaic_tiles_panels_row_major():
     assert torch.equal(quad[1], torch.cat([torch.cat([x[4], x[5]], 2), torch.cat([x[6], x[7]], 2)], 1))
 
 
-def test_training_reduces_loss_and_resumes_exactly(tmp_path):
+def train_vq(monkeypatch, **settings):
+    """Run the flat script train_vq.py in-process with --key=value settings; returns its globals."""
+    monkeypatch.setattr(sys, "argv", [str(TRAIN_VQ)] + [f"--{k}={v}" for k, v in settings.items()])
+    return runpy.run_path(str(TRAIN_VQ))
+
+
+def test_training_reduces_loss_and_resumes_exactly(tmp_path, monkeypatch):
     """A few steps lower the loss; stopping at a checkpoint and resuming gives bit-identical
     weights to an uninterrupted run (data order, flips and dead-code restarts are per-step seeded)."""
-    base = dict(config="tiny", image_size=32, n_train=16, n_eval=4, batch_size=8, lr=3e-3, warmup_steps=1,
-                lr_decay_steps=12, restart_every=3, ckpt_every=4, eval_every=100, log_every=100, threads=1)
-    full = train(TrainConfig(out_dir=str(tmp_path / "a"), max_steps=12, **base), shape_images)
+    base = dict(vq_name="tiny", image_size=32, n_train=16, n_eval=4, batch_size=8, lr=3e-3, warmup_steps=1,
+                lr_decay_steps=8, restart_every=3, ckpt_every=4, eval_every=100, log_every=100)
+    full = train_vq(monkeypatch, out_dir=tmp_path / "a", max_steps=8, **base)
     assert np.mean(full["losses"][-3:]) < np.mean(full["losses"][:3])
-    half = TrainConfig(out_dir=str(tmp_path / "b"), max_steps=4, **base)
-    train(half, shape_images)
-    half.max_steps, half.resume = 12, True
-    resumed = train(half, shape_images)
+    train_vq(monkeypatch, out_dir=tmp_path / "b", max_steps=4, **base)
+    resumed = train_vq(monkeypatch, out_dir=tmp_path / "b", max_steps=8, init_from="resume", **base)
     assert resumed["losses"] == full["losses"][4:]
     a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in "ab")
-    assert a["step"] == b["step"] == 12 and torch.equal(a["hits"], b["hits"])
+    assert a["step"] == b["step"] == 8 and torch.equal(a["hits"], b["hits"])
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     x = torch.rand(1, 3, 32, 32) * 2 - 1
-    assert torch.equal(MoVQGAN.from_pretrained(tmp_path / "b").decode(MoVQGAN.from_pretrained(tmp_path / "a").encode(x)),
-                       MoVQGAN.from_pretrained(tmp_path / "a").decode(MoVQGAN.from_pretrained(tmp_path / "b").encode(x)))
+    codec_a, codec_b = MoVQGAN.from_pretrained(tmp_path / "a"), MoVQGAN.from_pretrained(tmp_path / "b")
+    assert torch.equal(codec_b.decode(codec_a.encode(x)), codec_a.decode(codec_b.encode(x)))
+    assert (tmp_path / "b" / "report.json").is_file() and resumed["report"]["step"] == 8

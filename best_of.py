@@ -1,0 +1,108 @@
+"""Best-of-N and thinking: the paper's high-quality sampling (§3.3.1, docs/sampling.md §4).
+
+What it is: the two inference-time extras sample.py's CLI offers. Best-of-N scores N samples with a
+verifier and keeps the best: `make_scorer` turns a prompt into score(image) BEFORE sampling, so a
+prompt the verifier cannot read fails in one line before any work. With the shapes verifier
+(verify.py) a T2I prompt or a task's caption is read by `verify.parse_prompt`, and an edit
+instruction is applied to the objects of the reference panel (`edit_spec`), so the lower panel is
+judged against the edit's expected result. Thinking: an LLM rewrites the prompt first (`think`).
+What it is not: a sampler (sample.py) or a detector (verify.py).
+
+  python sample.py --task edit --ref assets/refs/scene.png --prompt "make the blue circle red" --best_of 4
+"""
+import importlib
+import json
+import os
+import re
+import sys
+import urllib.request
+
+import verify
+from sequence import split_panels
+from shapes import BACKGROUND_WORDS, COLORS, SHAPES
+
+# the shapes world's edit instructions (shapes.make_task): "make|recolor the red circle blue", "change the
+# color of the red circle to blue", "remove|delete the red circle", "move the red circle to the left",
+# "add a green star", "change the background to light blue"
+EDIT = re.compile(r"(make|recolor|change the colou?r of|remove|delete|move|add) (?:the|an?) (\w+) (\w+)"
+                  r"(?: (?:to )?(?:the )?(\w+))?|change the background to (.+)")
+RECOLOR = ("make", "recolor", "change the color of", "change the colour of")
+HALVES = ("left", "right", "top", "bottom")
+# The paper's "thinking" in our words: a strong LLM reasons about the prompt and rewrites it.
+THINK_INSTRUCTION = ("You rewrite prompts for an image generator. Think about what the user wants, then "
+                     "reply with one improved, concrete prompt describing objects, colours, counts and "
+                     "positions explicitly. Reply with the prompt only.")
+
+
+def add_best_of_args(parser):
+    parser.add_argument("--best_of", type=int, default=1, help="sample N in a batch, keep the verifier's best")
+    parser.add_argument("--verifier", default="shapes", help="'shapes' or module:function(image, prompt) -> score")
+    parser.add_argument("--think", action="store_true", help="rewrite the prompt with an LLM first")
+    parser.add_argument("--think_url", default="http://127.0.0.1:8000/v1", help="an OpenAI-compatible endpoint")
+
+
+def edit_spec(reference, instruction):
+    """The verifier's spec of the expected lower panel: the edit applied to the objects detected in
+    the reference; a one-line ValueError if it is not a shapes-world edit of an object shown once."""
+    objs = [{"shape": d["shape"], "color": d["color"], "x": d["bbox"][0], "y": d["bbox"][1],
+             "size": d["bbox"][2] - d["bbox"][0] + 1} for d in verify.detect(reference)]
+    spec = {"task": "edit", "width": reference.width, "height": reference.height, "target": objs,
+            "background": verify.background_of(reference), "relation": None}
+    m = EDIT.fullmatch(instruction.lower().strip().rstrip("."))
+    verb, color, shape, arg, background = m.groups() if m else (None,) * 5
+    hits = [i for i, o in enumerate(objs) if (o["shape"], o["color"]) == (shape, color)]
+    if background in (names := {words: name for name, words in BACKGROUND_WORDS.items()}):
+        return dict(spec, background=names[background])
+    if verb == "add" and shape in SHAPES and color in COLORS and arg is None:
+        return dict(spec, target=objs + [{"shape": shape, "color": color, "x": 0, "y": 0, "size": 0}],
+                    anywhere=len(objs))
+    if len(hits) == 1 and verb in ("remove", "delete") and arg is None:
+        return dict(spec, target=objs[:hits[0]] + objs[hits[0] + 1:])
+    if len(hits) == 1 and verb == "move" and arg in HALVES:
+        return dict(spec, moved=hits[0], half=arg)
+    if len(hits) == 1 and verb in RECOLOR and arg in COLORS:
+        return dict(spec, target=[dict(o, color=arg) if i == hits[0] else o for i, o in enumerate(objs)])
+    raise ValueError(f"--best_of cannot verify the edit {instruction!r}: expected e.g. 'make the red circle "
+                     f"blue' of an object the reference shows once ({len(objs)} objects detected)")
+
+
+def make_scorer(verifier, task, prompt, reference=None):
+    """-> score(image), taken on the image or on a task's lower panel. verifier: 'shapes' or
+    'module:function' taking (image, prompt); reference: the upper panel, for an edit."""
+    lower = (lambda im: im) if task == "t2i" else (lambda im: split_panels(im)[1])
+    if verifier == "shapes":
+        spec = edit_spec(reference, prompt) if task == "edit" else verify.parse_prompt(prompt)
+        return lambda image: verify.verify(lower(image), spec)
+    module, _, name = verifier.partition(":")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load verifier {verifier!r} ({e}); expected 'module:function'") from None
+    return lambda image: float(function(lower(image), prompt))
+
+
+def pick_best(images, score):
+    """The image with the best score (the first on a tie), saying which it was."""
+    scores = [score(image) for image in images]
+    best = max(range(len(images)), key=scores.__getitem__)
+    print(f"best of {len(images)}: sample {best} (scores {', '.join(f'{s:.2f}' for s in scores)})")
+    return images[best]
+
+
+def think(prompt, url, model_name="gpt-4o", timeout=30.0, key_env="THINK_API_KEY"):
+    """Rewrite `prompt` through an OpenAI-compatible chat endpoint; on any failure, warn and keep it."""
+    body = {"model": model_name, "messages": [{"role": "system", "content": THINK_INSTRUCTION},
+                                              {"role": "user", "content": prompt}]}
+    key = {"Authorization": f"Bearer {os.environ[key_env]}"} if os.environ.get(key_env) else {}
+    try:
+        request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json", **key})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            rewritten = json.loads(response.read())["choices"][0]["message"]["content"].strip()
+        if not rewritten:
+            raise ValueError("empty reply")
+        print(f"prompt rewritten: {rewritten}")
+        return rewritten
+    except Exception as e:  # the endpoint is optional: never let it stop sampling
+        print(f"warning: --think failed ({type(e).__name__}: {e}); using the prompt as given", file=sys.stderr)
+        return prompt
