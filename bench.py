@@ -1,14 +1,13 @@
 """Benchmark Lumina-mGPT 2.0 on this machine: decoding speed-ups side by side, training throughput
 (--train) or int4 vs float matmuls (--linear), each a table under the command that made it.
 
-What it is: the stripped twin of sample.py, as nanoGPT's bench.py is of train.py. Variants: naive (the
-official uncached loop, kept here only as this baseline), static (KV cache), compile, compile+int4, sjd
-(window 16, eager), int4+sjd (the official README's fastest); columns: docs/performance.md §1, §3. Not a
-quality measure (eval.py): random weights accept SJD drafts as no trained model does (time SJD on a --ckpt).
+What it is: sample.py's stripped twin, as nanoGPT's bench.py is train.py's. Variants: naive (the official
+uncached loop, kept only as this baseline), static (KV cache), compile, compile+int4, sjd (window 16), int4+sjd
+(the official README's fastest); columns: docs/performance.md §1, §3. Not a quality measure (eval.py): random
+weights accept SJD drafts as no trained model does (time SJD on a trained model: --ckpt assets).
 
   python bench.py --model 2B --layers 4 --steps 8 --variants static,compile+int4   # a CPU slice
   python bench.py --model 7B --device cuda --steps 512 --json out/bench.json       # the paper's model
-  python bench.py --ckpt assets --steps 64                                          # a trained model
   python bench.py --model shapes --train --seq_len 310 --batch 8                    # training, MFU
   python bench.py --model 2B --linear --threads 1                                   # int4 matmuls
 """
@@ -24,11 +23,13 @@ import torch
 import torch.nn as nn
 from torch.utils.benchmark import Timer
 
+from checkpoint import atomic_write
 from model import ModelConfig, Transformer, compute_loss, estimate_mfu, flops_per_token
 from quant import Int4Linear, quantize_model
-from sample import OFFICIAL_SAMPLING, add_system_args, generate, load_system_from_args, logits_to_probs, sample_from
+from sample import CACHE_MULTIPLE, OFFICIAL_SAMPLING, add_system_args, generate, load_system_from_args, logits_to_probs
 from sequence import (MAX_GRIDS, TokenLayout, image_body_plan, image_header_ids, prompt_ids, t2i_prompt,
                       unconditional_ids)
+from sjd import draw
 from vq import VQConfig
 
 VARIANTS = ("naive", "static", "compile", "compile+int4", "sjd", "int4+sjd")
@@ -71,12 +72,12 @@ def random_model(args, device, dtype):
 
 @torch.no_grad()
 def generate_uncached(model, layout, prefix, uncond_prefix, plan, *, cfg_scale, top_k, temperature, generator=None):
-    """The naive decoder, as the official loop runs: the whole sequence recomputed every step, the
-    unconditional context as a second sequence. One sample -> tokens (1, len(plan))."""
+    """The official loop: the whole sequence recomputed every step, the unconditional context a second
+    sequence. One sample -> tokens (1, len(plan))."""
     device, rows = model.lm_head.weight.device, [list(prefix), list(uncond_prefix)][:1 + (cfg_scale != 1.0)]
     for i in range(len(plan)):
         logits = torch.cat([model(torch.tensor([row], device=device))[:, -1:] for row in rows])  # (rows, 1, V)
-        token = sample_from(logits_to_probs(logits, plan[i:i + 1], layout, cfg_scale, top_k, temperature), generator)
+        token = draw(logits_to_probs(logits, plan[i:i + 1], layout, cfg_scale, top_k, temperature), generator)
         rows = [row + [int(token)] for row in rows]
     return torch.tensor([rows[0][len(prefix):]])
 
@@ -113,20 +114,19 @@ def bench_decode(args, model, layout, size, sampling, prefix, device):
     copy = torch.ones(2, COPY_MB[device.type] * 2**20 // 4, device=device)  # bandwidth: read one half, write the other
     bandwidth = copy.nbytes / min(measure(lambda: copy[1].copy_(copy[0]), device)[0] for _ in range(5))  # bytes/s
     del copy  # lest it count in the variants' peak memory
-    c, kv_len = model.config, (len(prefix) + len(plan) + 7) // 8 * 8  # sample.generate's static cache
+    c, kv_len = model.config, -(-(len(prefix) + len(plan)) // CACHE_MULTIPLE) * CACHE_MULTIPLE  # generate's cache
     kv_bytes = 2 * c.n_layer * args.batch * c.n_kv_head * kv_len * c.head_dim * model.lm_head.weight.itemsize
     print(f"{size}x{size} px, {len(prefix)} prompt tokens, {len(plan)} decode steps, batch {args.batch}"
           f"{' (CFG pairs)' if cfg_scale != 1 else ''}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 
     def row(variant):
         try:
-            r = run_variant(variant, model, layout, prefix, plan, num_samples, cfg_scale,
-                            {k: sampling[k] for k in ("top_k", "temperature")}, device)
+            r = run_variant(variant, model, layout, prefix, plan, num_samples, cfg_scale, sampling, device)
         except Exception as e:  # one variant never stops the others (compiling may fail): say what broke
             model.clear_caches()
             return {"skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-        weights = sum(m.weight.nbytes + (m.scales_and_zeros.nbytes if isinstance(m, Int4Linear) else 0)
-                      for m in model.modules() if isinstance(m, (nn.Linear, Int4Linear)))  # not the gathered embedding
+        # bytes of weights a step reads: all of them but the embedding, of which it gathers a few rows
+        weights = sum(t.nbytes for k, t in model.state_dict().items() if not k.startswith("embed_tokens"))
         reads = weights * args.batch if variant == "naive" else weights + kv_bytes  # naive: a forward per row
         r.update(bytes_per_step=reads, bandwidth_fraction=reads / r["ms_per_step"] * 1e3 / bandwidth)
         if paths := sorted({m.path for m in model.modules() if isinstance(m, Int4Linear)}):
@@ -187,13 +187,13 @@ def bench_train(model, batch, seq_len, steps, device):
 
     step()  # warm-up: allocates the gradients and the optimizer state
     seconds, peak, _ = measure(lambda: [step() for _ in range(steps)], device)
-    config, n_params, tokens_per_s = model.config, model.num_params(), batch * seq_len * steps / seconds
-    mfu = estimate_mfu(config, n_params, seq_len, tokens_per_s, device)  # None on a CPU or an unknown GPU
+    n_params, tokens_per_s = model.num_params(), batch * seq_len * steps / seconds
+    mfu = estimate_mfu(model.config, n_params, seq_len, tokens_per_s, device)  # None on a CPU or an unknown GPU
     print(f"train: {seconds / steps * 1e3:.0f} ms/step, {tokens_per_s:,.0f} tokens/s, peak {peak:,.0f} MB"
           + (f", MFU {mfu:.1%}" if mfu else ""))
     return {"mode": "train", "dtype": "float32", "batch": batch, "seq_len": seq_len, "steps": steps, "mfu": mfu,
             "ms_per_step": seconds / steps * 1e3, "tokens_per_s": tokens_per_s, "peak_memory_mb": peak,
-            "tflops": flops_per_token(config, n_params, seq_len) * tokens_per_s / 1e12}
+            "tflops": flops_per_token(model.config, n_params, seq_len) * tokens_per_s / 1e12}
 
 
 def main(argv=None):
@@ -236,10 +236,10 @@ def main(argv=None):
     elif args.train:
         record.update(bench_train(model, args.batch, args.seq_len, args.steps or DEFAULT_STEPS["train"], device))
     else:
+        sampling = {k: sampling[k] for k in ("top_k", "temperature")}  # CFG: the official scale, or none (--batch)
         record.update(bench_decode(args, model, layout, size, sampling, prefix, device))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     return record
 
 

@@ -1,12 +1,10 @@
 """Best-of-N and thinking: the paper's high-quality sampling (§3.3.1, docs/sampling.md §4).
 
-What it is: the two inference-time extras sample.py's CLI offers. Best-of-N scores N samples with a
-verifier and keeps the best: `make_scorer` turns a prompt into score(image) BEFORE sampling, so a
-prompt the verifier cannot read fails in one line before any work. With the shapes verifier
-(verify.py) a T2I prompt or a task's caption is read by `verify.parse_prompt`, and an edit
-instruction is applied to the objects of the reference panel (`edit_spec`), so the lower panel is
-judged against the edit's expected result. Thinking: an LLM rewrites the prompt first (`think`).
-What it is not: a sampler (sample.py) or a detector (verify.py).
+The two inference-time extras of sample.py. Best-of-N keeps the best of N samples by a verifier's
+score; `make_scorer` builds score(image) before sampling, so a prompt the verifier cannot read fails
+before any work. The shapes verifier reads a prompt with `verify.parse_prompt`, an edit instruction
+with `edit_spec` (the edit applied to the reference panel's objects). Thinking: an LLM rewrites the
+prompt first (`think`). Not a sampler (sample.py) or a detector (verify.py).
 
   python sample.py --task edit --ref assets/refs/scene.png --prompt "make the blue circle red" --best_of 4
 """
@@ -16,18 +14,17 @@ import os
 import re
 import sys
 import urllib.request
+from dataclasses import replace
 
 import verify
 from sequence import split_panels
-from shapes import BACKGROUND_WORDS, COLORS, SHAPES
+from shapes import BACKGROUND_WORDS, COLORS, HALVES, SHAPES, Obj, target_rows
 
-# the shapes world's edit instructions (shapes.make_task): "make|recolor the red circle blue", "change the
-# color of the red circle to blue", "remove|delete the red circle", "move the red circle to the left",
-# "add a green star", "change the background to light blue"
+# the edit instructions shapes.make_task writes: "make the red circle blue", "move the red circle to the left", ...
 EDIT = re.compile(r"(make|recolor|change the colou?r of|remove|delete|move|add) (?:the|an?) (\w+) (\w+)"
                   r"(?: (?:to )?(?:the )?(\w+))?|change the background to (.+)")
 RECOLOR = ("make", "recolor", "change the color of", "change the colour of")
-HALVES = ("left", "right", "top", "bottom")
+BACKGROUND_NAMES = {words: name for name, words in BACKGROUND_WORDS.items()}  # "light blue" -> "sky"
 # The paper's "thinking" in our words: a strong LLM reasons about the prompt and rewrites it.
 THINK_INSTRUCTION = ("You rewrite prompts for an image generator. Think about what the user wants, then "
                      "reply with one improved, concrete prompt describing objects, colours, counts and "
@@ -44,24 +41,24 @@ def add_best_of_args(parser):
 def edit_spec(reference, instruction):
     """The verifier's spec of the expected lower panel: the edit applied to the objects detected in
     the reference; a one-line ValueError if it is not a shapes-world edit of an object shown once."""
-    objs = [{"shape": d["shape"], "color": d["color"], "x": d["bbox"][0], "y": d["bbox"][1],
-             "size": d["bbox"][2] - d["bbox"][0] + 1} for d in verify.detect(reference)]
-    spec = {"task": "edit", "width": reference.width, "height": reference.height, "target": objs,
+    objs = [Obj(d["shape"], d["color"], x0, y0, x1 - x0 + 1) for d in verify.detect(reference)
+            for x0, y0, x1, _ in [d["bbox"]]]
+    spec = {"task": "edit", "width": reference.width, "height": reference.height, "target": target_rows(objs),
             "background": verify.background_of(reference), "relation": None}
     m = EDIT.fullmatch(instruction.lower().strip().rstrip("."))
     verb, color, shape, arg, background = m.groups() if m else (None,) * 5
-    hits = [i for i, o in enumerate(objs) if (o["shape"], o["color"]) == (shape, color)]
-    if background in (names := {words: name for name, words in BACKGROUND_WORDS.items()}):
-        return dict(spec, background=names[background])
+    hits = [i for i, o in enumerate(objs) if (o.shape, o.color) == (shape, color)]
+    if background in BACKGROUND_NAMES:
+        return dict(spec, background=BACKGROUND_NAMES[background])
     if verb == "add" and shape in SHAPES and color in COLORS and arg is None:
-        return dict(spec, target=objs + [{"shape": shape, "color": color, "x": 0, "y": 0, "size": 0}],
-                    anywhere=len(objs))
+        return dict(spec, target=target_rows(objs + [Obj(shape, color, 0, 0, 0)]), anywhere=len(objs))
     if len(hits) == 1 and verb in ("remove", "delete") and arg is None:
-        return dict(spec, target=objs[:hits[0]] + objs[hits[0] + 1:])
+        return dict(spec, target=target_rows(objs[:hits[0]] + objs[hits[0] + 1:]))
     if len(hits) == 1 and verb == "move" and arg in HALVES:
         return dict(spec, moved=hits[0], half=arg)
     if len(hits) == 1 and verb in RECOLOR and arg in COLORS:
-        return dict(spec, target=[dict(o, color=arg) if i == hits[0] else o for i, o in enumerate(objs)])
+        objs[hits[0]] = replace(objs[hits[0]], color=arg)
+        return dict(spec, target=target_rows(objs))
     raise ValueError(f"--best_of cannot verify the edit {instruction!r}: expected e.g. 'make the red circle "
                      f"blue' of an object the reference shows once ({len(objs)} objects detected)")
 
@@ -89,11 +86,11 @@ def pick_best(images, score):
     return images[best]
 
 
-def think(prompt, url, model_name="gpt-4o", timeout=30.0, key_env="THINK_API_KEY"):
+def think(prompt, url, timeout=30.0):
     """Rewrite `prompt` through an OpenAI-compatible chat endpoint; on any failure, warn and keep it."""
-    body = {"model": model_name, "messages": [{"role": "system", "content": THINK_INSTRUCTION},
-                                              {"role": "user", "content": prompt}]}
-    key = {"Authorization": f"Bearer {os.environ[key_env]}"} if os.environ.get(key_env) else {}
+    body = {"model": "gpt-4o", "messages": [{"role": "system", "content": THINK_INSTRUCTION},
+                                            {"role": "user", "content": prompt}]}
+    key = {"Authorization": f"Bearer {os.environ['THINK_API_KEY']}"} if os.environ.get("THINK_API_KEY") else {}
     try:
         request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json", **key})

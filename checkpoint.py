@@ -8,18 +8,17 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 MAX_LISTED = 5  # keys named per kind of problem in an error message
 
 
 def atomic_write(path, write):
-    """Call `write(tmp_path)`, then rename onto `path`: a reader or a crash never sees half a file.
-    The temp name carries the pid, so a killed run's leftover cannot collide with a live one."""
+    """Call `write(tmp_path)`, then rename onto `path`: never half a file (docs/checkpoints.md §3)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # the pid: a killed run's leftover never collides
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -29,10 +28,9 @@ def atomic_write(path, write):
 
 def save(folder, name, state_dict, config):
     """Write `<name>.safetensors` then `<name>.json` (the config dataclass) into `folder`."""
-    folder = Path(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write(folder / f"{name}.safetensors", lambda p: save_file(state, str(p)))
-    write_config(folder / f"{name}.json", config)
+    atomic_write(Path(folder) / f"{name}.safetensors", lambda p: save_file(state, str(p)))
+    write_config(Path(folder) / f"{name}.json", config)
 
 
 def write_config(path, config):
@@ -46,53 +44,44 @@ def read_config(path, cls):
         raise FileNotFoundError(f"{path} is missing; is {path.parent} a nanoLumina checkpoint folder?")
     try:
         values = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON or bad UTF-8
         raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt, write it again") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a JSON object of {cls.__name__} fields")
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
-    if unknown:
+    if unknown := sorted(values.keys() - {f.name for f in fields(cls)}):
         raise ValueError(f"{path} has keys {cls.__name__} does not know: {', '.join(unknown)}; "
                          "was it written by another version or for another model?")
     return cls(**values)
 
 
-def tensor_shapes(file):
-    """{key: shape} from a safetensors header, without reading the tensors."""
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint file {file} is missing") from None
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"cannot read checkpoint file {file}: {e} (corrupt or truncated?)") from None
-
-
 def check_keys(expected, found, what="checkpoint"):
-    """Strict loading: raise one ValueError naming missing, unexpected and misshaped keys.
-    `expected` and `found` map key -> shape (tuples)."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = [f"{k} {list(found[k])} vs model {list(expected[k])}"
-                 for k in sorted(set(expected) & set(found)) if tuple(found[k]) != tuple(expected[k])]
-    if missing or unexpected or misshaped:
-        def few(xs):
-            return ", ".join(xs[:MAX_LISTED]) + (f" (+{len(xs) - MAX_LISTED} more)" if len(xs) > MAX_LISTED else "")
-        problems = [f"{label}: {few(xs)}" for label, xs in
-                    (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if xs]
-        raise ValueError(f"{what} does not match the config; " + "; ".join(problems))
+    """Strict loading: one ValueError naming the missing, unexpected and misshaped keys of two {key: shape tuple}."""
+    problems = dict(missing=sorted(expected.keys() - found.keys()), unexpected=sorted(found.keys() - expected.keys()),
+                    misshaped=[f"{k} {list(found[k])} vs model {list(expected[k])}"
+                               for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]])
+    listed = {kind: ", ".join(keys[:MAX_LISTED]) + (f" (+{len(keys) - MAX_LISTED} more)" if keys[MAX_LISTED:] else "")
+              for kind, keys in problems.items() if keys}
+    if listed:
+        raise ValueError(f"{what} does not match the config; " + "; ".join(f"{k}: {v}" for k, v in listed.items()))
 
 
+@torch.no_grad()
 def load_into(tensors, files, what="checkpoint", ignore=()):
     """Strict streaming load into `tensors` ({key: tensor}): check every key and shape in the files'
     headers (keys starting with `ignore` skipped), then copy one tensor at a time."""
-    found = {k: shape for file in files for k, shape in tensor_shapes(file).items() if not k.startswith(ignore)}
-    check_keys({k: tuple(t.shape) for k, t in tensors.items()}, found, what)
-    with torch.no_grad():
-        for file in files:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in sorted(tensors.keys() & set(f.keys())):
-                    tensors[key].copy_(f.get_tensor(key))
+    where = {k: f for f in map(_open, files) for k in f.keys() if not k.startswith(ignore)}  # key -> its file
+    shapes = {k: tuple(f.get_slice(k).get_shape()) for k, f in where.items()}
+    check_keys({k: tuple(t.shape) for k, t in tensors.items()}, shapes, what)
+    for key, tensor in tensors.items():
+        tensor.copy_(where[key].get_tensor(key))
+
+
+def _open(file):
+    """A safetensors file, of which only the header is read until a tensor is asked for."""
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as e:  # a missing file raises FileNotFoundError, which names it
+        raise ValueError(f"cannot read checkpoint file {file}: {e} (corrupt or truncated?)") from None
 
 
 def safetensors_files(folder):

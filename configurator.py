@@ -1,7 +1,7 @@
-"""nanoGPT's configurator as one function, shared by train.py and train_vq.py.
+"""nanoGPT's configurator as one function, shared by train.py, train_vq.py and data/*/prepare.py.
 
-Settings are a script's plain globals; a config file (Python assignments, see config/) overrides
-them, then `--key=value` overrides that. Unknown keys and wrong types are errors, not surprises.
+Settings are a script's plain globals or a dict of defaults; a config file (Python assignments, see
+config/) overrides them, then `--key=value` overrides that. Unknown keys and wrong types are errors.
 What it is not: argparse. sample.py, eval.py and bench.py take ordinary flags.
 """
 import ast
@@ -15,20 +15,16 @@ def configure(argv, settings, doc=""):
     settings = dict(settings)
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(doc.strip(), "\n\nsettings (--key=value):")
-            for key, value in settings.items():
-                print(f"  --{key}={value!r}")
+            print(doc.strip(), "\nsettings (--key=value):", *(f"  --{k}={v!r}" for k, v in settings.items()), sep="\n")
             sys.exit(0)
         if not arg.startswith("--"):
-            path = Path(arg)
-            if not path.is_file():
+            if not Path(arg).is_file():
                 raise SystemExit(f"config file {arg} not found; pass a file such as config/train_shapes.py")
             try:
-                exec(compile(path.read_text(), arg, "exec"), {}, overrides := {})
+                exec(compile(Path(arg).read_text(), arg, "exec"), {}, overrides := {})
             except Exception as e:
                 raise SystemExit(f"config file {arg} does not run: {type(e).__name__}: {e}") from None
-            unknown = sorted(set(overrides) - set(settings))
-            if unknown:
+            if unknown := sorted(set(overrides) - set(settings)):
                 raise SystemExit(f"{arg}: unknown setting(s) {unknown}; known: {', '.join(settings)}")
             settings.update(overrides)
             continue

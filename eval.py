@@ -1,14 +1,12 @@
 """Score a checkpoint on a shapes prompt set: GenEval-style accuracy per category, best-of-K, the five
 dual-panel tasks, and the codec ceiling that bounds them all (docs/shapes.md §4-§7).
 
-What it is: a reduced-scale GenEval. sample.sample_images draws, verify.verify scores (a T2I image or a
-task's lower panel; 1.0 is correct): accuracy and best-of-K (the paper's best-of-N, §3.3.1, the verifier
-as judge) per category, "overall" their T2I mean; and renders of what each row asks for, as drawn
-(ground truth) and through the codec (its ceiling). Writes eval.json and a grid per category; --codec
-loads no transformer and draws nothing: codec PSNR / SSIM / usage and the ceiling columns, eval.json only.
-What it is not: the real GenEval (a detector on photos), or a sampler of its own.
+What it is: a reduced-scale GenEval. sample.sample_images draws, verify.verify scores (1.0 is correct): accuracy
+and best-of-K (the paper's best-of-N, §3.3.1) per category and their means, and the ceiling: renders of what
+each row asks for, as drawn and through the codec. Writes eval.json and samples_<category>.png; --codec draws
+nothing (codec PSNR / SSIM / usage and the ceiling). Not the real GenEval (a detector on photos), nor a sampler.
 
-  python eval.py --n 2 --best_of 4                 # the shipped model; yours: --ckpt out/shapes/ckpt-002000
+  python eval.py --n 2 --best_of 4                 # the shipped model; yours: --ckpt out/shapes/ckpt-00002000
   python eval.py --codec --vq out/vq_shapes
 """
 import argparse
@@ -76,9 +74,9 @@ def score_samples(system, rows, n, best_of, size, seed, sampling, out_dir):
     """Score n groups of best_of draws a row -> (columns, records); grid each prompt's kept draw per category."""
     records, shown = [], []
     for i, row in enumerate(tqdm(rows, desc="prompts")):
-        images, _ = sample_images(system, row["prompt"], task=row.get("task", "t2i"), width=row.get("width", size),
+        images, _ = sample_images(system, row["prompt"], width=row.get("width", size),
                                   height=row.get("height", size) * (1 if row.get("task", "t2i") == "t2i" else 2),
-                                  **{k: row[k] for k in ("ref", "subject", "dense_map") if k in row},
+                                  **{k: row[k] for k in ("task", "ref", "subject", "dense_map") if k in row},
                                   num_samples=n * best_of, seed=seed + i, **sampling)
         scores = [verify(image, row) for image in images]
         groups = np.array(scores).reshape(n, best_of)  # (n, K): group g holds draws g*K .. g*K+K-1
@@ -99,22 +97,12 @@ def report(rows, columns):
     table, counts = {}, {c: sum(r["category"] == c for r in rows) for c in ROW_CATEGORIES}
     for label, block in BLOCKS.items():
         if present := [c for c in block if counts[c]]:
-            table |= {c: {"prompts": counts[c]} | {name: column[c] for name, column in columns.items()}
-                      for c in present}
-            table[label] = {name: float(np.mean([column[c] for c in present])) for name, column in columns.items()}
+            table |= {c: {"prompts": counts[c]} | {name: col[c] for name, col in columns.items()} for c in present}
+            table[label] = {name: float(np.mean([col[c] for c in present])) for name, col in columns.items()}
     print(f"{'category':<15}{'prompts':>8}" + "".join(f"{name:>15}" for name in columns))
     for key, line in table.items():
         print(f"{key:<15}{line.get('prompts', ''):>8}" + "".join(f"{line[name]:>15.3f}" for name in columns))
     return table
-
-
-def codec_quality(codec, n_images, size):
-    """PSNR / SSIM / codebook usage on the held-out renders train_vq.py evaluates on (vq.EVAL_SEED)."""
-    images = shapes.codec_training_images(n_images, size, seed=EVAL_SEED)  # (N, H, W, 3) uint8
-    quality = evaluate(codec, torch.from_numpy(images).permute(0, 3, 1, 2).to(next(codec.parameters()).device))
-    print(f"codec on {n_images} held-out {size}px renders: PSNR {quality['psnr']:.2f} dB, SSIM {quality['ssim']:.4f}, "
-          f"codebook usage {quality['usage']:.3f}, perplexity {quality['perplexity']:.0f}")
-    return quality
 
 
 def main(argv=None):
@@ -136,10 +124,14 @@ def main(argv=None):
     rows, out_dir = load_rows(args.prompts, args.limit), Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"prompts": str(args.prompts), "ckpt": args.ckpt, "n": args.n, "best_of": args.best_of}
-    if args.codec:
+    if args.codec:  # PSNR / SSIM / usage on the held-out renders train_vq.py evaluates on (vq.EVAL_SEED)
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        codec, size, columns = MoVQGAN.from_pretrained(args.vq or args.ckpt), args.size or shapes.PANEL, {}
-        record["codec_quality"] = codec_quality(codec.to(args.device).eval(), args.codec_images, size)
+        size, columns = args.size or shapes.PANEL, {}
+        codec = MoVQGAN.from_pretrained(args.vq or args.ckpt).to(args.device).eval()
+        images = torch.from_numpy(shapes.codec_training_images(args.codec_images, size, seed=EVAL_SEED))  # (N, H, W, 3)
+        record["codec_quality"] = q = evaluate(codec, images.permute(0, 3, 1, 2).to(args.device))
+        print(f"codec on {args.codec_images} held-out {size}px renders: PSNR {q['psnr']:.2f} dB, SSIM "
+              f"{q['ssim']:.4f}, codebook usage {q['usage']:.3f}, perplexity {q['perplexity']:.0f}")
     else:
         system = load_system_from_args(args)
         codec, size = system.codec, args.size or system.size

@@ -1,13 +1,12 @@
 """The Lumina-mGPT 2.0 transformer: a Chameleon-style decoder with a static KV cache.
 
-What it is: the decoder-only model of Lumina-mGPT 2.0 (arXiv 2507.17801, §3.1, Table 2): pre-norm
-RMSNorm, SwiGLU, per-head q/k LayerNorm before 1-D RoPE, optional swin-norm, GQA, no biases, untied
-lm_head; parameter names are the official checkpoint's minus "model." (docs/architecture.md).
+What it is: the decoder-only model of Lumina-mGPT 2.0 (arXiv 2507.17801, §3.1, Table 2): pre-norm RMSNorm,
+SwiGLU, per-head q/k LayerNorm before 1-D RoPE, optional swin-norm, GQA, no biases, untied lm_head;
+parameter names are the official checkpoint's minus "model." (docs/architecture.md).
 What it is not: a tokenizer (sequence.py), a sampler (sample.py) or a trainer (train.py).
 
   model(idx)             the training forward: causal attention, no cache.
-  model(idx, input_pos)  after setup_caches(B, T): write K/V at input_pos, attend to the cache;
-                         prefill, decode, a k-token verify and a rewind are all this one call.
+  model(idx, input_pos)  after setup_caches(B, T): K/V written at input_pos; prefill, decode, verify, rewind.
 """
 import json
 import math
@@ -91,10 +90,7 @@ class RMSNorm(nn.Module):
         return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-class QKNorm(nn.Module):
-    """Chameleon's per-head LayerNorm: plain LayerNorm over head_dim, then an affine whose
-    [groups, head_dim] rows are shared by consecutive heads (docs/architecture.md §4)."""
-
+class QKNorm(nn.Module):  # Chameleon's per-head LayerNorm, heads sharing affine rows (docs/architecture.md §4)
     def __init__(self, groups, head_dim, n_heads):
         super().__init__()
         if n_heads % groups:
@@ -106,13 +102,6 @@ class QKNorm(nn.Module):
     def forward(self, x):  # (B, T, n_heads, head_dim)
         weight, bias = (p.repeat_interleave(self.heads_per_group, 0) for p in (self.weight, self.bias))  # (nh, hd)
         return F.layer_norm(x, x.shape[-1:], eps=QK_NORM_EPS) * weight + bias
-
-
-def rope_tables(seq_len, head_dim, theta):
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (seq_len, head_dim): the non-interleaved layout
-    return emb.cos(), emb.sin()
 
 
 def apply_rope(x, cos, sin):  # x (B, T, n_heads, head_dim); cos, sin (T, head_dim)
@@ -130,10 +119,9 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos, k, v):  # k, v (B, n_kv, T, hd); returns the whole (B, n_kv, S, hd)
-        B = k.shape[0]
-        self.k_cache[:B, :, input_pos] = k
-        self.v_cache[:B, :, input_pos] = v
-        return self.k_cache[:B], self.v_cache[:B]
+        self.k_cache[:len(k), :, input_pos] = k
+        self.v_cache[:len(v), :, input_pos] = v
+        return self.k_cache[:len(k)], self.v_cache[:len(v)]
 
 
 class Attention(nn.Module):
@@ -157,9 +145,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
-        if self.n_kv_head != self.n_head:  # GQA: each K/V head serves n_head / n_kv_head query heads
-            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_head != self.n_head)  # GQA: K/V heads shared
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -198,59 +185,55 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.causal_mask = None
         self.reset_rope()
-        if self.embed_tokens.weight.device.type != "meta":
-            for module in self.modules():  # no biases anywhere, so the weights are all there is
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        for module in self.modules():  # no biases anywhere, so the weights are all there is (a no-op on meta)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
 
     def reset_rope(self):
         """(Re)compute the rotary tables; needed again after `to_empty` leaves buffers garbage."""
-        device = self.embed_tokens.weight.device
-        cos, sin = rope_tables(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta)
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        c, device = self.config, self.embed_tokens.weight.device
+        inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim)
+        angles = torch.outer(torch.arange(c.max_seq_len, dtype=torch.float32), inv_freq).repeat(1, 2)  # (S, hd)
+        self.register_buffer("rope_cos", angles.cos().to(device), persistent=False)  # the non-interleaved layout
+        self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
     def setup_caches(self, max_batch_size, max_seq_length):
         if max_seq_length > self.config.max_seq_len:
-            raise ValueError(f"cache of {max_seq_length} tokens exceeds the model's max_seq_len "
-                             f"{self.config.max_seq_len}; ask for a smaller image")
+            raise ValueError(f"cache of {max_seq_length} tokens exceeds max_seq_len {self.config.max_seq_len}; "
+                             "ask for a smaller image")
         weight = self.embed_tokens.weight  # the activations' dtype: never int4 (docs/int4.md §3)
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_kv_head,
                                                self.config.head_dim, weight.dtype).to(weight.device)
-        self.causal_mask = torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=weight.device).tril()
 
     def clear_caches(self):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
-        self.causal_mask = None
 
     def forward(self, idx, input_pos=None, key_mask=None):
         """idx (B, T) -> fp32 logits (B, T, vocab). With caches: input_pos (T,), and optionally key_mask
         (B, S) bool, the cache entries each row may see at all (CFG's left pad, docs/sampling.md §3)."""
-        if (input_pos is None) != (self.causal_mask is None):
+        cache = self.layers[0].self_attn.kv_cache
+        if (input_pos is None) != (cache is None):
             raise RuntimeError("pass input_pos exactly when caches are set up (model.setup_caches)")
-        if input_pos is None:
-            mask, cos, sin = None, self.rope_cos[: idx.shape[1]], self.rope_sin[: idx.shape[1]]
-        else:
-            mask = self.causal_mask[input_pos]  # (T, S): key s visible iff s <= pos
+        pos = torch.arange(idx.shape[1], device=idx.device) if input_pos is None else input_pos  # (T,)
+        cos, sin, mask = self.rope_cos[pos], self.rope_sin[pos], None  # mask None: causal, no cache
+        if input_pos is not None:
+            keys = torch.arange(cache.k_cache.shape[2], device=idx.device)  # (S,): the cache positions
+            mask = keys <= input_pos[:, None]  # (T, S): key s visible iff s <= pos
             if key_mask is not None:  # every token still sees itself, so hidden pads never go NaN
-                own = torch.arange(mask.shape[1], device=idx.device) == input_pos[:, None]  # (T, S)
-                mask = mask[None] & (key_mask[:, None, :] | own[None])  # (B, T, S)
+                mask = mask[None] & (key_mask[:, None, :] | (keys == input_pos[:, None])[None])  # (B, T, S)
             mask = mask.unsqueeze(-3)  # (B or 1, 1, T, S)
-            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.lm_head(self.norm(x)).float()
 
     # ---- checkpoints: ours and the official HF layout (docs/checkpoints.md) ----
-
     def save_pretrained(self, folder):
         checkpoint.save(folder, "model", self.state_dict(), self.config)
 
@@ -258,26 +241,21 @@ class Transformer(nn.Module):
     def load(cls, folder, device="cpu", dtype=torch.float32):
         """Load our own checkpoint folder (model.json + model.safetensors)."""
         config = checkpoint.read_config(Path(folder) / "model.json", ModelConfig)
-        return cls._load_streaming(config, [Path(folder) / "model.safetensors"], lambda name: name, device, dtype)
+        return cls._from_files(config, [Path(folder) / "model.safetensors"], lambda name: name, device, dtype)
 
     @classmethod
     def from_pretrained(cls, folder, device="cpu", dtype=torch.bfloat16):
         """Load an official HF-layout folder: config.json + model.safetensors (or an index + shards)."""
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} has no config.json; expected an official Lumina-mGPT 2.0 folder")
         config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
         official = lambda name: name if name == "lm_head.weight" else "model." + name  # noqa: E731
-        files = checkpoint.safetensors_files(folder)
-        return cls._load_streaming(config, files, official, device, dtype, ignore=UNUSED_VQ_PREFIX)
+        return cls._from_files(config, checkpoint.safetensors_files(folder), official, device, dtype, UNUSED_VQ_PREFIX)
 
     @classmethod
-    def _load_streaming(cls, config, files, file_key, device, dtype, ignore=()):
-        """Build on the meta device, then fill strictly, tensor by tensor: peak host memory stays
-        near the model's size in `dtype`. file_key maps our parameter name to the file's."""
+    def _from_files(cls, config, files, file_key, device, dtype, ignore=()):
+        """Build on the meta device, fill strictly one tensor at a time: host memory peaks near the model's size."""
         with torch.device("meta"):
-            model = cls(config)
-        model = model.to(dtype).to_empty(device=device)
+            model = cls(config).to(dtype).to_empty(device=device)
         params = {file_key(name): p for name, p in model.named_parameters()}
         checkpoint.load_into(params, files, f"checkpoint {files[0].parent}", ignore)
         model.reset_rope()
@@ -285,18 +263,15 @@ class Transformer(nn.Module):
 
 
 def compute_loss(logits, targets, loss_mask, z_loss_weight=0.0):
-    """Next-token cross-entropy averaged over the positions loss_mask marks, plus the official
-    z-loss, mean logsumexp² over them (docs/training.md §1). logits (B, T, V); targets, loss_mask (B, T)."""
-    logits, mask = logits.float().flatten(0, 1), loss_mask.flatten().float()  # (B*T, V), (B*T,)
+    """Cross-entropy + the official z-loss (logsumexp²), each a mean over loss_mask's tokens (docs/training.md §1)."""
+    logits, mask = logits.float().flatten(0, 1), loss_mask.flatten().float()  # (B*T, V), (B*T,) from (B, T, V), (B, T)
     count = mask.sum().clamp(min=1.0)
     loss = (F.cross_entropy(logits, targets.flatten(), reduction="none") * mask).sum() / count
-    if z_loss_weight:
-        loss = loss + z_loss_weight * (torch.logsumexp(logits, dim=-1).pow(2) * mask).sum() / count
-    return loss
+    z_loss = (torch.logsumexp(logits, dim=-1).pow(2) * mask).sum() if z_loss_weight else 0.0
+    return loss + z_loss_weight * z_loss / count
 
 
 # ---- training arithmetic shared by train.py, train_vq.py and bench.py (docs/training.md) ----
-
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, per GPU (docs/performance.md)
 
 

@@ -1,22 +1,19 @@
 """Int4 weight-only quantization: 4-bit weights in groups along the input dim, bf16 activations.
 
-What it is: a torchao-free `int4_weight_only(group_size=128)` (the official `--quant`), in the
-torchao/gpt-fast format (docs/int4.md): primitives, `Int4Linear` (a drop-in for a bias-free
-nn.Linear), `quantize_model`, save/load. Each layer runs one matmul path: "cuda" (tinygemm, sm80+)
-or "cpu" (torch's int4 op), both on bf16 activations, or "reference" (exact, any device).
-What it is not: activation/KV-cache quantization, GPTQ-style rounding, or QAT. Move and cast the
-model first, then quantize: a kernel's layout belongs to its device. Timings: bench.py --linear.
+What it is: a torchao-free `int4_weight_only(group_size=128)` (the official `--quant`) in the torchao/gpt-fast
+format (docs/int4.md): primitives, `Int4Linear` (a drop-in bias-free nn.Linear), `quantize_model`, save/load;
+each layer runs one matmul path: "cuda" (tinygemm, sm80+) or "cpu" (torch's int4 op), both on bf16 activations,
+or "reference" (exact, any device). Move and cast the model first: a kernel's layout belongs to its device.
+What it is not: activation/KV-cache quantization, GPTQ rounding or QAT. Run: sample.py --quant int4, bench.py --linear.
 """
 import functools
-import json
 from dataclasses import is_dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import checkpoint
 
@@ -31,8 +28,7 @@ INT4_FILE = "model_int4.safetensors"
 
 # ---- primitives (docs/int4.md §1) ----
 def quantize(weight, group_size=128):
-    """weight (N, K) float -> q (N, K) uint8 in 0..15, scales_and_zeros (K/g, N, 2) bf16.
-    Per group: scale = (max-min)/15, zero = min + 8*scale (stored in bf16); q rounds against those."""
+    """weight (N, K) -> q (N, K) uint8 0..15, scales_and_zeros (K/g, N, 2) bf16 (docs/int4.md §1)."""
     N, K = weight.shape
     w = weight.detach().float().reshape(N, K // group_size, group_size)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, K/g)
@@ -142,23 +138,18 @@ class Int4Linear(nn.Module):
             return self.weight
         K, N, g, device = self.in_features, self.out_features, self.group_size, self.weight.device
         unit = torch.tensor([1.0, MID], dtype=torch.bfloat16, device=device).repeat(K // g, N, 1)  # (K/g, N, 2)
-        identity_rows = (F.one_hot(torch.arange(i, min(i + READBACK_ROWS, K), device=device), K).to(torch.bfloat16)
-                         for i in range(0, K, READBACK_ROWS))  # the (K, K) identity, a block of rows at a time
-        return pack(torch.cat([self.matmul(rows, self.weight, unit, g) for rows in identity_rows]).t())  # q (N, K)
+        eye = torch.arange(K, device=device).split(READBACK_ROWS)  # the (K, K) identity, a block of rows at a time
+        return pack(torch.cat([self.matmul(F.one_hot(r, K).bfloat16(), self.weight, unit, g) for r in eye]).t())
 
     def forward(self, x):
         return self.matmul(x, self.weight, self.scales_and_zeros, self.group_size)
-
-    def extra_repr(self):
-        return f"{self.in_features} -> {self.out_features}, group_size={self.group_size}, path={self.path}"
 
 
 # ---- whole models (docs/int4.md §3) ----
 def _swap_linears(model, make):
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and (new := make(name, module)) is not None:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, new)
+            model.set_submodule(name, new)
 
 
 def quantize_model(model, group_size=128, skip=("lm_head",), path="auto"):
@@ -175,26 +166,23 @@ def quantize_model(model, group_size=128, skip=("lm_head",), path="auto"):
 
 
 def save_quantized(model, folder):
-    """Write folder/model_int4.safetensors (portable packing, group sizes in its metadata) + model.json."""
-    folder = Path(folder)
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
-    state = {k: v.detach().contiguous().cpu() for k, v in
-             {**model.state_dict(), **{f"{name}.weight": m.packed_weight() for name, m in layers.items()}}.items()}
-    metadata = {"int4_group_sizes": json.dumps({name: m.group_size for name, m in layers.items()})}
-    checkpoint.atomic_write(folder / INT4_FILE, lambda p: save_file(state, str(p), metadata=metadata))
+    """Write folder/model_int4.safetensors (int4 layers in the portable packing) + model.json."""
+    packed = {f"{name}.weight": m.packed_weight() for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    state = {k: v.detach().contiguous().cpu() for k, v in {**model.state_dict(), **packed}.items()}
+    checkpoint.atomic_write(Path(folder) / INT4_FILE, lambda p: save_file(state, str(p)))
     if is_dataclass(getattr(model, "config", None)):
-        checkpoint.write_config(folder / "model.json", model.config)
+        checkpoint.write_config(Path(folder) / "model.json", model.config)
 
 
 def load_quantized(model, folder, path="auto"):
-    """Fill `model` (a fresh float model of the saved shape, on its device) from save_quantized's file."""
+    """Fill `model` (a fresh float model of the saved shape, on its device) from save_quantized's file. The int4
+    layers are those with scales_and_zeros, shaped (in_features / group_size, out_features, 2)."""
     file = Path(folder) / INT4_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; write it with quant.save_quantized(model, folder)")
-    with safe_open(str(file), framework="pt") as f:
-        group_sizes = json.loads(f.metadata()["int4_group_sizes"])
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    _swap_linears(model, lambda name, linear: Int4Linear(linear.in_features, linear.out_features, group_sizes[name],
-                                                         device=linear.weight.device) if name in group_sizes else None)
+    state = load_file(file)
+    rows = {k.removesuffix(".scales_and_zeros"): len(v) for k, v in state.items() if k.endswith(".scales_and_zeros")}
+    _swap_linears(model, lambda name, linear: None if name not in rows else Int4Linear(
+        linear.in_features, linear.out_features, linear.in_features // rows[name], device=linear.weight.device))
     model.load_state_dict(state)  # strict: the file and the model must name the same tensors
     return model.apply(lambda m: m.set_path(path) if isinstance(m, Int4Linear) else None)

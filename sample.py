@@ -1,8 +1,8 @@
 """Sample images from Lumina-mGPT 2.0: text-to-image and every dual-panel task, from one command.
 
-What it is: the official sampler (docs/sampling.md) as small gpt-fast-style functions: `prefill`, one
-decode `step` (CFG rows, key mask, compile) and ONE sampling function (`logits_to_probs`), both shared
-with sjd.py. Best-of-N and "thinking" (docs/sampling.md §4) live in best_of.py.
+What it is: the official sampler (docs/sampling.md) as small gpt-fast-style functions: `prefill`, one decode
+`step` (CFG rows, key mask, compile) and ONE sampling function (`logits_to_probs`), both shared with sjd.py.
+Best-of-N and "thinking" (docs/sampling.md §4) live in best_of.py.
 What it is not: a trainer, a tokenizer or a codec; it wires model.py, sequence.py and vq.py.
 
   python sample.py --prompt "a red circle left of a blue square"            # the shipped model
@@ -25,7 +25,7 @@ from best_of import add_best_of_args, make_scorer, pick_best, think
 from model import Transformer
 from sequence import (TASKS, Tokenizer, TokenLayout, i2i_prefix_ids, ids_to_codes, image_body_plan,
                       image_header_ids, prompt_ids, split_panels, task_prompt, unconditional_ids)
-from sjd import add_sjd_args, sjd_generate
+from sjd import add_sjd_args, draw, sjd_generate
 from vq import MoVQGAN, VQConfig, center_crop, pil_to_tensor, tensor_to_pil
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -89,17 +89,14 @@ def add_system_args(parser, ckpt=str(ASSETS), dtype="float32"):
 
 
 def load_system_from_args(args):
-    """Check the device, set the threads, and load the system add_system_args' flags name."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
     torch.set_num_threads(args.threads or torch.get_num_threads())
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     return load_system(args.ckpt, args.vq, args.device, dtype, args.quant, args.vq_config)
 
-# -----------------------------------------------------------------------------
-# the one sampling function (docs/sampling.md §2-3)
 
-
+# ---- the one sampling function (docs/sampling.md §2-3); sjd.draw draws from its probs ----
 def logits_to_probs(logits, plan, layout, cfg_scale, top_k, temperature):
     """logits (2B, T, V) with CFG [conditional rows; unconditional rows], else (B, T, V); plan (T,):
     the forced id at each position, or -1 for "any image code" -> probs (B, T, V)."""
@@ -117,13 +114,7 @@ def logits_to_probs(logits, plan, layout, cfg_scale, top_k, temperature):
     return torch.softmax(logits / temperature, dim=-1)
 
 
-def sample_from(probs, generator=None):  # probs (B, T, V) -> token ids (B, T)
-    return torch.multinomial(probs.flatten(0, -2), 1, generator=generator).view(probs.shape[:-1])
-
-# -----------------------------------------------------------------------------
-# generation: a batch's cached prefill, then one decode step per token (or sjd.py's windows)
-
-
+# ---- generation: a batch's cached prefill, then one decode step per token (or sjd.py's windows) ----
 def cfg_batch(prefix, uncond_prefix, num_samples, cfg_scale, pad_id, max_len, device):
     """Rows [cond x N; uncond x N, left-padded] and the key mask hiding the pads (docs/sampling.md §3)."""
     pad = len(prefix) - len(uncond_prefix)
@@ -150,7 +141,7 @@ def decode_n_tokens(step, logits, plan, start_pos, probs_fn, generator=None, pro
     """Plain decoding from the prefill's logits -> (tokens (B, len(plan)), stats)."""
     tokens = []
     for i in tqdm(range(len(plan)), disable=not progress, desc="tokens", leave=False):
-        tokens.append(sample_from(probs_fn(logits, plan[i:i + 1]), generator))  # (B, 1)
+        tokens.append(draw(probs_fn(logits, plan[i:i + 1]), generator))  # (B, 1)
         if i + 1 < len(plan):
             logits = step(tokens[-1], torch.tensor([start_pos + i], device=logits.device))
     return torch.cat(tokens, 1), {"forward_passes": len(plan), "tokens": len(plan)}
@@ -177,10 +168,8 @@ def generate(model, layout, prefix, uncond_prefix, plan, *, num_samples=1, cfg_s
     finally:
         model.clear_caches()
 
-# -----------------------------------------------------------------------------
-# from a prompt (and a reference image) to PIL images, and the command line
 
-
+# ---- from a prompt (and a reference image) to PIL images, and the command line ----
 def image_size(system, task, width=None, height=None):
     """(width, height) of the whole image (two panels high for a task), checked against the size unit."""
     unit, panels = system.layout.size_unit, 1 if task == "t2i" else 2
@@ -205,6 +194,7 @@ def load_reference(path, width, height):
         raise ValueError(f"cannot read reference image {path}: {e}") from None
 
 
+@torch.no_grad()
 def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=None, subject=None,
                   dense_map="segmentation map", num_samples=1, cfg=None, top_k=None, temperature=None,
                   seed=0, sjd_window=0, sjd_init="random", compile=False, progress=False):
@@ -219,8 +209,7 @@ def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=No
         prefix = prompt_ids(system.tokenizer, layout, text) + image_header_ids(height, width, layout)
     else:
         upper = pil_to_tensor(load_reference(ref, width, height // 2))[None].to(system.device)
-        with torch.no_grad():
-            prefix = i2i_prefix_ids(system.tokenizer, layout, text, system.codec.encode(upper)[0].cpu())
+        prefix = i2i_prefix_ids(system.tokenizer, layout, text, system.codec.encode(upper)[0].cpu())
         plan = plan[(height // down // 2) * (width // down + 1):]  # the upper rows are given
     cfg, top_k, temperature = (system.defaults[name] if value is None else value for name, value in
                                (("cfg", cfg), ("top_k", top_k), ("temperature", temperature)))
@@ -231,8 +220,7 @@ def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=No
                              progress=progress)
     stats["seconds"] = time.time() - t0
     stats["codes"] = torch.stack([ids_to_codes(uncond + row.tolist(), layout) for row in tokens.cpu()])
-    with torch.no_grad():  # codes (N, code_h, code_w): the whole image, a given upper panel included
-        pixels = system.codec.decode(stats["codes"].to(system.device)).float().cpu()
+    pixels = system.codec.decode(stats["codes"].to(system.device)).float().cpu()  # the whole image, upper panel too
     return [tensor_to_pil(x) for x in pixels], stats
 
 

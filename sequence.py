@@ -18,10 +18,11 @@ SEP = "<reserved08706>"    # ends every conversation turn (docs/tokens.md §4)
 MAX_GRIDS, SIZE_TOKEN_BASE = 64, 8800  # our size tokens n = 1..64 (up to 2048 px) are <reserved{8800 + n}>
 SPECIAL_STRINGS = {"bos_id": BOS, "image_start_id": IMAGE_START, "image_end_id": IMAGE_END, "eol_id": EOL,
                    "sep_id": SEP}  # TokenLayout field -> the string whose id it holds
+OFFICIAL_IDS = {"image_start_id": 151665, "image_end_id": 151666, "eol_id": 151670}  # in the released tokenizer
+OFFICIAL_CODE_OFFSET, OFFICIAL_CODEBOOK_SIZE = 155000, 16384  # the release's image codes: ids 155000 + code
 
 
-def size_token(n):
-    """The string of the size token meaning n grids of 32 px, e.g. 24 -> '<reserved08824>'."""
+def size_token(n):  # the string of the size token meaning n grids of 32 px, e.g. 24 -> '<reserved08824>'
     return f"<reserved{SIZE_TOKEN_BASE + n:05d}>"
 
 
@@ -32,8 +33,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path):
-        """Load tokenizer.json, or the tokenizer.json inside a checkpoint folder."""
-        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path  # a file or a checkpoint folder
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; data/shapes/prepare.py trains one, releases ship one")
         return cls(HFTokenizer.from_file(path))
@@ -60,10 +60,6 @@ def train_tokenizer(texts, path, vocab_size=1024):
 
 
 # ---- token layout: every special id, in one place (docs/tokens.md §2) ----
-OFFICIAL_IDS = {"image_start_id": 151665, "image_end_id": 151666, "eol_id": 151670}
-OFFICIAL_CODE_OFFSET, OFFICIAL_CODEBOOK_SIZE = 155000, 16384
-
-
 @dataclass(frozen=True)
 class TokenLayout:
     bos_id: int
@@ -102,8 +98,7 @@ class TokenLayout:
     def vocab_size(self):
         return self.image_code_offset + self.codebook_size
 
-    def size_id(self, pixels):
-        """The size token for a side of `pixels` pixels (a multiple of 32)."""
+    def size_id(self, pixels):  # the size token for a side of `pixels` pixels (a multiple of 32)
         n = pixels // self.size_unit
         if pixels % self.size_unit or not 1 <= n <= len(self.size_token_ids):
             raise ValueError(f"image side {pixels} px is not a multiple of {self.size_unit} between "
@@ -129,9 +124,9 @@ def image_body_plan(code_h, code_w, layout):
 def image_to_ids(codes, layout):
     """Code grid [h, w] -> the image block, exactly as the official item processor builds it."""
     h, w = codes.shape
-    rows = torch.as_tensor(codes, dtype=torch.long) + layout.image_code_offset  # (h, w)
-    rows = torch.cat([rows, torch.full((h, 1), layout.eol_id)], dim=1).flatten().tolist()  # (h * (w + 1),)
-    return image_header_ids(h * layout.downsample, w * layout.downsample, layout) + rows + [layout.image_end_id]
+    body = image_body_plan(h, w, layout)  # EOLs and image end in place, -1 where the codes go
+    body[body < 0] = torch.as_tensor(codes, dtype=torch.long).flatten() + layout.image_code_offset
+    return image_header_ids(h * layout.downsample, w * layout.downsample, layout) + body.tolist()
 
 
 def ids_to_codes(ids, layout):
@@ -161,6 +156,7 @@ TASKS = ("t2i", "edge", "depth", "subject", "edit", "dense")
 DENSE_MAPS = {"edge": "canny edge map", "depth": "depth map", "dense": "segmentation map"}
 _PAIR = ("Generate a dual-panel image of {w}x{h} where the <{target} half> displays a <{x}>, while the "
          "<{kept} half> retains the original image for direct visual comparison:\n{prompt}")
+CFG_DROP_PROB = 0.1  # official: a training example drops its text this often, for CFG (docs/tokens.md §7)
 
 
 def t2i_prompt(prompt, width=None, height=None):
@@ -209,9 +205,6 @@ def i2i_prefix_ids(tokenizer, layout, text, upper_codes):
 
 
 # ---- training examples and dual panels (docs/tokens.md §6, §7) ----
-CFG_DROP_PROB = 0.1  # official text dropout for CFG (finetune_solver ItemProcessor)
-
-
 def make_example(tokenizer, layout, text, codes, drop_text=False):
     """(ids int32, loss_mask uint8): loss on the image block and trailing SEP, never the prompt (mask[i] = 1:
     ids[i] is predicted at i - 1). drop_text: the official CFG dropout sample, the image block alone."""

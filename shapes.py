@@ -2,17 +2,14 @@
 The shapes world: nanoLumina's synthetic, program-judgeable stand-in for web images (docs/shapes.md).
 
 Flat-coloured shapes on a plain background (PIL, deterministic given a seed), their captions in six
-GenEval-style categories, the five dual-panel task pairs, the compositions held out for the eval,
-JSONL prompt sets and the codec's training images. An object is a prompt's {shape, color, count}
-(what) or a placed `Obj` (where); a task row's "target" is its scene's Obj as dicts (`target_rows`,
-read back by `target_scene`). What it is not: the judge (verify.py), a tokenizer (sequence.py) or a
-codec (vq.py). From the project it imports only sequence's map names.
+GenEval-style categories, the five dual-panel task pairs, the held-out compositions, JSONL prompt sets
+and the codec's training images. A prompt's object is {shape, color, count}; a placed one is an `Obj`,
+and a task row's "target" holds its scene's Obj as dicts (`target_rows`, read back by `target_scene`).
+Not the judge (verify.py), a tokenizer (sequence.py) or a codec (vq.py).
 
     spec = shapes.sample_spec(random.Random(0), "position")    # a prompt-set row (docs/shapes.md §5)
     image = shapes.render(shapes.scene_for_spec(spec, random.Random(1)))
     verify.verify(image, spec)                                  # -> 1.0
-
-Tests: python -m pytest -q tests/test_shapes.py
 """
 import json
 import math
@@ -29,6 +26,7 @@ from sequence import DENSE_MAPS  # the map names task prompts use (docs/tokens.m
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 RELATIONS = ("left of", "right of", "above", "below")
+HALVES = ("left", "right", "top", "bottom")  # of a canvas, where an edit moves an object
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TASK_FAMILIES = ("edge", "depth", "subject", "edit", "dense")
 # Eight object colours, pairwise >= ~100 apart in RGB so a codec's colour drift cannot flip them.
@@ -38,8 +36,7 @@ COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "
 BACKGROUNDS = {"white": (255, 255, 255), "sky": (175, 210, 245)}
 BACKGROUND_WORDS = {"white": "white", "sky": "light blue"}
 ON_BACKGROUND = {"white": "", "sky": " on a light blue background"}
-SEG_COLORS = {"circle": COLORS["red"], "square": COLORS["green"], "triangle": COLORS["blue"],
-              "star": COLORS["yellow"], "cross": COLORS["purple"]}  # class colours, on black
+SEG_COLORS = {s: COLORS[c] for s, c in zip(SHAPES, ("red", "green", "blue", "yellow", "purple"))}  # on black
 DEPTH_LEVELS = (240, 190, 140, 90)  # gray per layer on black (far), nearest (lowest in frame) first
 EDGE_WIDTH = 2        # pixels; thinner outlines do not survive an 8x-downsampling codec
 PANEL = 64            # pixels, default panel side
@@ -79,12 +76,9 @@ class HeldOut:
     def holds_out(self, spec):
         """True if a spec (or any object it puts in an image) uses a held-out composition."""
         objs, cat = spec["objects"], spec["category"]
-        if any((o["shape"], o["color"]) in self.color_pairs for o in objs):
-            return True
-        if cat == "counting":
-            return ("counting", objs[0]["shape"], objs[0]["count"]) in self.combos
-        shapes = {o["shape"] for o in objs}
-        return len(objs) == 2 and any(c[0] == cat and {c[1], c[2]} == shapes for c in self.combos)
+        what = {objs[0]["shape"], objs[0]["count"]} if cat == "counting" else {o["shape"] for o in objs}
+        return (any((o["shape"], o["color"]) in self.color_pairs for o in objs)
+                or any(c == cat and {a, b} == what for c, a, b in self.combos))
 
     def allows_scene(self, objects):
         """Whether a task scene's Obj may be in training: with no category, every combination applies."""
@@ -125,9 +119,9 @@ class Scene:
     background: str = "white"
 
 
-def target_rows(scene):
-    """A scene's objects as a task spec's "target" rows (JSON-ready dicts)."""
-    return [asdict(o) for o in scene.objects]
+def target_rows(objects):
+    """Obj as a task spec's "target" rows (JSON-ready dicts)."""
+    return [asdict(o) for o in objects]
 
 
 def target_scene(spec):
@@ -176,12 +170,12 @@ def render_depth(scene):
     return _paint(scene, (0, 0, 0), fill=gray, order=nearest_first)
 
 
+def render_subject(scene):  # the subject-driven condition: the first object alone, centred, on white
+    o, w, h = scene.objects[0], scene.width, scene.height
+    return render(Scene((replace(o, x=(w - o.size) // 2, y=(h - o.size) // 2),), w, h))
+
+
 DENSE_RENDER = {DENSE_MAPS["dense"]: render_segmentation, DENSE_MAPS["edge"]: render_edges}  # by dense_map
-
-
-def subject_scene(obj, width=PANEL, height=PANEL):
-    """The subject-driven condition: the object alone, centred, on white."""
-    return Scene((replace(obj, x=(width - obj.size) // 2, y=(height - obj.size) // 2),), width, height)
 
 
 def shape_mask(shape, width, height):
@@ -213,11 +207,8 @@ def _put(rng, obj, others, width, height, tries, where=lambda o: True):
 def satisfies_relation(a_center, b_center, relation, margin=6):
     """Relation of object a to object b on centres; the relation's axis must dominate (GenEval-like)."""
     dx, dy = b_center[0] - a_center[0], b_center[1] - a_center[1]
-    if relation in ("left of", "right of"):
-        return (dx if relation == "left of" else -dx) >= margin and abs(dx) > abs(dy)
-    if relation in ("above", "below"):
-        return (dy if relation == "above" else -dy) >= margin and abs(dy) > abs(dx)
-    raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
+    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return along >= margin and abs(along) > abs(across)
 
 
 def in_half(center, half, scene, margin=4):
@@ -228,8 +219,7 @@ def in_half(center, half, scene, margin=4):
 
 
 def place(rng, items, width=PANEL, height=PANEL, relation=None, background="white"):
-    """Scene of items [(shape, color)], apart and inside the canvas; objects 0 and 1 satisfy a
-    relation if one is given. Crowded canvases fall back to smaller objects."""
+    """Scene of items [(shape, color)], apart, inside the canvas, objects 0 and 1 in `relation`."""
     lo, hi = _object_px(width, height)
     for attempt in range(2000):
         objs = []
@@ -278,8 +268,7 @@ def noun_phrase(shape, color=None, count=1, rng=None):
 
 
 def describe(spec, rng=None, subject=False):
-    """Caption of a spec: canonical ('a photo of ...') without an rng, else varied prefix, numbers and
-    relation words. subject=True calls objects[0] 'the object' (the subject task)."""
+    """Caption of a spec: canonical without an rng, else varied; subject=True: objects[0] is 'it'."""
     pick = (lambda xs: xs[0]) if rng is None else rng.choice
     phrases = [noun_phrase(**o, rng=rng) for o in spec["objects"]]
     if subject:
@@ -291,8 +280,19 @@ def describe(spec, rng=None, subject=False):
     return f"{pick(PREFIXES)} {' '.join(phrases)}".strip()
 
 
+def t2i_spec(category, objects, relation=None):
+    """A T2I prompt-set row with its canonical caption."""
+    spec = {"category": category, "objects": objects, "relation": relation}
+    return dict(spec, prompt=describe(spec))
+
+
 def _allowed_color(rng, shape, held_out, avoid=()):
     return rng.choice([c for c in COLORS if (shape, c) not in held_out.color_pairs and c not in avoid])
+
+
+def _color_pair(rng, a, b, held_out, color_a=None):  # shapes a and b in two colours no held-out pair uses
+    color_a = color_a or _allowed_color(rng, a, held_out)
+    return [spec_object(a, color_a), spec_object(b, _allowed_color(rng, b, held_out, avoid=(color_a,)))]
 
 
 def sample_spec(rng, category, held_out=HeldOut()):
@@ -309,11 +309,9 @@ def sample_spec(rng, category, held_out=HeldOut()):
         elif category == "position":
             rel = rng.choice(RELATIONS)
         elif category == "color_attr":
-            ca = _allowed_color(rng, a, held_out)
-            objs = [spec_object(a, ca), spec_object(b, _allowed_color(rng, b, held_out, avoid=(ca,)))]
-        spec = {"category": category, "prompt": "", "objects": objs, "relation": rel}
-        if not held_out.holds_out(spec):
-            return dict(spec, prompt=describe(spec))
+            objs = _color_pair(rng, a, b, held_out)
+        if not held_out.holds_out(spec := t2i_spec(category, objs, rel)):
+            return spec
 
 
 def scene_for_spec(spec, rng, width=PANEL, height=PANEL, held_out=HeldOut(), background="white"):
@@ -372,15 +370,14 @@ def _edit(rng, scene, held_out):
             return None
         del objs[i]
         return done(rng.choice((f"remove {name}", f"delete {name}")))
-    half = rng.choice(("left", "right", "top", "bottom"))  # move into that half of the canvas
+    half = rng.choice(HALVES)  # move into that half of the canvas
     objs[i] = _put(rng, o, objs[:i] + objs[i + 1:], w, h, 200,
                    lambda t: in_half(t.center, half, scene) and not in_half(o.center, half, scene))
     return done(f"move {name} to the {half}", moved=i, half=half)
 
 
 def make_task(rng, task, held_out=HeldOut(), size=PANEL):
-    """(upper, lower, spec) of one task pair. spec["prompt"] goes into the task's system prompt
-    (sequence.task_prompt), with spec["subject"] / spec["dense_map"] where needed."""
+    """(upper, lower, spec) of one task pair; spec's prompt, subject, dense_map feed sequence.task_prompt."""
     if task not in TASK_FAMILIES:
         raise ValueError(f"unknown task {task!r}; expected one of {TASK_FAMILIES}")
     spec = {"category": task, "task": task, "width": size, "height": size, "relation": None}
@@ -391,21 +388,19 @@ def make_task(rng, task, held_out=HeldOut(), size=PANEL):
         scene = scene_for_spec(inner, rng, size, size, held_out)
         spec.update(objects=inner["objects"], relation=inner["relation"],
                     subject=noun_phrase(first["shape"], first["color"]), prompt=describe(inner, rng, subject=True))
-        return render(subject_scene(scene.objects[0], size, size)), render(scene), spec
-    while True:
-        scene = random_scene(rng, size, size, held_out=held_out)
-        edited = _edit(rng, scene, held_out) if task == "edit" else None
-        if task != "edit" or (edited is not None and held_out.allows_scene(edited[0].objects)):
-            break
+        return render_subject(scene), render(scene), spec
+    scene = random_scene(rng, size, size, held_out=held_out)
     if task == "edit":
+        while (edited := _edit(rng, scene, held_out)) is None or not held_out.allows_scene(edited[0].objects):
+            scene = random_scene(rng, size, size, held_out=held_out)
         new, text, extra = edited
-        spec.update(prompt=text, target=target_rows(new), background=new.background, **extra)
+        spec.update(prompt=text, target=target_rows(new.objects), background=new.background, **extra)
         return render(scene), render(new), spec
     if task == "dense":
         dense_map = DENSE_MAPS["dense"] if rng.random() < SEGMENTATION_SHARE else DENSE_MAPS["edge"]
-        spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene), dense_map=dense_map)
+        spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene.objects), dense_map=dense_map)
         return render(scene), DENSE_RENDER[dense_map](scene), spec
-    spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene))
+    spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene.objects))
     return (render_edges if task == "edge" else render_depth)(scene), render(scene), spec
 
 # -----------------------------------------------------------------------------
@@ -423,27 +418,21 @@ def read_prompt_set(path):
 
 
 def eval_t2i_specs(held_out=HeldOut()):
-    """The T2I eval prompts, canonical wording, built from held-out compositions only.
-    single_object has no composition to hold out, so it asks for each shape once."""
-    row = lambda cat, *objs, rel=None: {"category": cat, "objects": list(objs), "relation": rel}
-    specs = [row("single_object", spec_object(s)) for s in SHAPES]
-    specs += [row("colors", spec_object(s, c)) for s, c in held_out.color_pairs]
+    """The T2I eval prompts in canonical wording: held-out compositions, and each shape alone once."""
+    specs = [t2i_spec("single_object", [spec_object(s)]) for s in SHAPES]
+    specs += [t2i_spec("colors", [spec_object(s, c)]) for s, c in held_out.color_pairs]
     for cat, a, b in held_out.combos:
         if cat == "counting":
-            specs.append(row(cat, spec_object(a, count=b)))
+            specs.append(t2i_spec(cat, [spec_object(a, count=b)]))
         elif cat in ("two_object", "position"):
-            specs += [row(cat, spec_object(p), spec_object(q), rel=r) for p, q in ((a, b), (b, a))
+            specs += [t2i_spec(cat, [spec_object(p), spec_object(q)], r) for p, q in ((a, b), (b, a))
                       for r in (RELATIONS if cat == "position" else (None,))]
     rng = random.Random(1234)  # colours for the colour-attribution pairs; any fixed choice will do
-    for cat, a, b in held_out.combos:
-        if cat == "color_attr":
-            ca = _allowed_color(rng, a, held_out)
-            specs.append(row(cat, spec_object(a, ca), spec_object(b, _allowed_color(rng, b, held_out, (ca,)))))
-    for s, c in held_out.color_pairs:
+    specs += [t2i_spec(cat, _color_pair(rng, a, b, held_out)) for cat, a, b in held_out.combos if cat == "color_attr"]
+    for s, c in held_out.color_pairs:  # each held-out (shape, colour) beside another shape
         other = rng.choice([x for x in SHAPES if x != s])
-        second = spec_object(other, _allowed_color(rng, other, held_out, (c,)))
-        specs.append(row("color_attr", spec_object(s, c), second))
-    return [dict(s, prompt=describe(s)) for s in specs]
+        specs.append(t2i_spec("color_attr", _color_pair(rng, s, other, held_out, c)))
+    return specs
 
 
 def eval_task_pairs(n_per_task, held_out=HeldOut(), size=PANEL, seed=10_000):
@@ -467,7 +456,7 @@ def codec_training_images(n, size=PANEL, seed=0):
     """Deterministic uint8 [n, size, size, 3] mix of scenes and task panels for codec training."""
     rng, out = random.Random(seed), np.empty((n, size, size, 3), np.uint8)
     draw = {"edges": render_edges, "depth": render_depth, "segmentation": render_segmentation,
-            "subject": lambda s: render(subject_scene(s.objects[0], size, size))}
+            "subject": render_subject}
     for i in range(n):
         kind = CODEC_KINDS[i % len(CODEC_KINDS)]
         scene = random_scene(rng, size, size, background="sky" if kind == "sky" else "white")

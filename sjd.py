@@ -1,18 +1,17 @@
 """Speculative Jacobi decoding (SJD): several image tokens per forward pass, same distribution.
 
-What it is: Lumina-mGPT 2.0's `--speculative_jacobi` sampler, after Teng et al., "Accelerating
-Auto-regressive Text-to-Image Generation with Training-free Speculative Jacobi Decoding" (arXiv
-2410.01699), in its exact form (docs/sjd.md §1-2). It receives sample.py's decode `step` (model,
-static KV cache, CFG rows, key mask, compile) and its ONE sampling function `probs_fn`, so it
-returns exact samples of what plain decoding samples. Each pass feeds [last final token + window-1
-drafts], tests the drafts left to right, redraws the first rejected one from the residual, and
-keeps the pass's other draws as the next drafts. Rewinding is writing at an earlier position.
+What it is: Lumina-mGPT 2.0's `--speculative_jacobi` sampler (Teng et al., arXiv 2410.01699) in its exact
+form (docs/sjd.md §1-2). It runs sample.py's decode `step` and ONE sampling function `probs_fn`, so it
+returns exact samples of what plain decoding samples. Each pass feeds [last final token + window-1 drafts],
+tests the drafts left to right, redraws the first rejected one from the residual, and keeps the pass's other
+draws as the next drafts. Rewinding is writing at an earlier cache position.
 What it is not: the official variant (lossy residual, top-n-sigma on, CFG late: docs/sjd.md §2),
 a draft model, or a text decoder: the window runs over the image body only.
 
   python sample.py --prompt "a red circle" --sjd [--sjd_window 16] [--sjd_init spatial]
 """
 import torch
+import torch.nn.functional as F
 
 INITS = ("random", "spatial")  # fresh drafts: a uniform image code (official), or the code one row up
 EMPTY_RESIDUAL = 1e-6  # residual mass below this: p == q up to rounding
@@ -66,7 +65,7 @@ def fresh_drafts(seq, start, stop, plan, row_len, init, layout, vocab_size, gene
         tokens = torch.where((above >= 0) & (above < start), seq[:, above.clamp(min=0)], tokens)
     tokens = torch.where(plan[pos] >= 0, plan[pos], tokens)
     seq[:, start:stop] = tokens
-    return torch.nn.functional.one_hot(tokens, vocab_size).float()
+    return F.one_hot(tokens, vocab_size).float()
 
 
 def sjd_pass(step, target, seq, q, done, w0, L, start_pos, plan, generator):
@@ -92,14 +91,9 @@ def sjd_pass(step, target, seq, q, done, w0, L, start_pos, plan, generator):
 
 def sjd_generate(step, logits, plan, start_pos, probs_fn, layout, *, generator=None, window=16, init="random",
                  top_n_sigma=None):
-    """Sample len(plan) image tokens by SJD -> (tokens (B, n), stats dict).
-
-    step(tokens (B, T), input_pos (T,)) -> logits (rows, T, V): sample.py's decode step; logits
-    (rows, 1, V): the prefill's last; plan (n,): forced id or -1 per position; start_pos: the
-    absolute position of plan[0]; probs_fn(logits, plan) -> probs (B, T, V): the plain sampler's.
-    window: tokens per forward (official 16); top_n_sigma: None or the official filter's n.
-    stats: forward_passes (the prefill counts), tokens, mean_accepted, step_compression, window, init.
-    """
+    """Sample len(plan) image tokens by SJD -> (tokens (B, n), stats: forward_passes (the prefill counts),
+    tokens, mean_accepted, step_compression). step, logits, plan, start_pos, probs_fn: as in sample.py's
+    decode_n_tokens; window: tokens per forward (official 16); top_n_sigma: None or the official filter's n."""
     if init not in INITS:
         raise ValueError(f"unknown SJD init {init!r}; choose one of {', '.join(INITS)}")
     if window < 2:
@@ -113,30 +107,23 @@ def sjd_generate(step, logits, plan, start_pos, probs_fn, layout, *, generator=N
         probs = probs_fn(out, positions_plan)
         return probs if top_n_sigma is None else filter_top_n_sigma(probs, top_n_sigma)
 
-    first = draw(target(logits, plan[:1]), generator)  # (B, 1): plan[0] comes from the prefill
-    B = first.shape[0]
-    seq = torch.zeros(B, n, dtype=torch.long, device=device)  # final tokens before done[b], drafts after
-    seq[:, 0] = first[:, 0]
+    seq = F.pad(draw(target(logits, plan[:1]), generator), (0, n - 1))  # plan[0] comes from the prefill
+    B = len(seq)  # seq (B, n): final tokens before done[b], drafts after
     L = min(window, n - 1)  # tokens per forward: the last final token + L-1 drafts
-    stats = {"window": L, "init": init, "forward_passes": 1, "tokens": n}
-    if n == 1:
-        return seq, {**stats, "mean_accepted": 0.0, "step_compression": 1.0}
-    if L < 2:  # one token after the prefill's: nothing to speculate on, one plain step
-        seq[:, 1] = draw(target(step(seq[:, :1], torch.tensor([start_pos], device=device)), plan[1:2]),
-                         generator)[:, 0]
-        return seq, {**stats, "forward_passes": 2, "mean_accepted": 1.0, "step_compression": 1.0}
+    if L < 2:  # a plan of 1 or 2 tokens: no room for drafts, plain steps
+        for i in range(1, n):
+            out = step(seq[:, i - 1:i], torch.tensor([start_pos + i - 1], device=device))
+            seq[:, i] = draw(target(out, plan[i:i + 1]), generator)[:, 0]
+        return seq, {"forward_passes": n, "tokens": n, "mean_accepted": float(n - 1), "step_compression": 1.0}
     # The window starts at the slowest row's frontier (the batch rule, docs/sjd.md §2) and near the
     # end slides back over final tokens instead of shrinking: every pass has the same shape.
     w0, done = 1, torch.ones(B, dtype=torch.long, device=device)
     q = fresh_drafts(seq, 1, L, plan, row_len, init, layout, V, generator)  # (B, L-1, V): tokens 1..L-1
-    passes, accepted, active = 0, 0, 0
+    passes, active = 0, 0  # active: row-passes of rows not yet done; together they accept B*(n-1) tokens
     while True:
-        p, new_done = sjd_pass(step, target, seq, q, done, w0, L, start_pos, plan, generator)
-        still = done < n
-        accepted += ((new_done - done) * still).sum()
-        active += still.sum()
-        done, passes = new_done, passes + 1
-        frontier = int(done.min())
+        active += int((done < n).sum())
+        p, done = sjd_pass(step, target, seq, q, done, w0, L, start_pos, plan, generator)
+        passes, frontier = passes + 1, int(done.min())
         if frontier >= n:
             break
         w1 = min(frontier, n - L)
@@ -144,6 +131,5 @@ def sjd_generate(step, logits, plan, start_pos, probs_fn, layout, *, generator=N
         q = torch.cat([p[:, shift:shift + keep],
                        fresh_drafts(seq, w0 + L, w1 + L - 1, plan, row_len, init, layout, V, generator)], 1)
         w0 = w1
-    stats.update(forward_passes=1 + passes, mean_accepted=float(accepted) / max(int(active), 1),
-                 step_compression=n / (1 + passes))
-    return seq, stats
+    return seq, {"forward_passes": 1 + passes, "tokens": n, "mean_accepted": B * (n - 1) / active,
+                 "step_compression": n / (1 + passes)}

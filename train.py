@@ -26,6 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
 from configurator import configure
@@ -71,26 +74,23 @@ DROPOUT_SEED_STRIDE = 7919       # seed + stride * step + rank differs for every
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is world size 1
-ddp = int(os.environ.get("RANK", -1)) != -1
+ddp = "RANK" in os.environ
+rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+world_size = int(os.environ.get("WORLD_SIZE", 1))
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 if ddp:
     dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    rank, local_rank, world_size = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-else:
-    rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 device_type = "cuda" if "cuda" in device else "cpu"
 # bf16 autocast on GPU; fp32 on CPU, which has no fast bf16 (docs/performance.md §4)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = device_type == "cuda"
 out = Path(out_dir)
-if master:
-    out.mkdir(parents=True, exist_ok=True)
+out.mkdir(parents=True, exist_ok=True)
 
 
 def log(*args):
@@ -99,10 +99,8 @@ def log(*args):
 
 
 # -----------------------------------------------------------------------------
-# data: variable-length sequences, right-padded per batch, so every sequence's positions start at 0
-# as at inference; pad positions carry loss mask 0. Each batch comes from one of `length_buckets`
-# equal-count groups of similar length, chosen uniformly, so little is padding and every example is
-# still drawn with the same probability (docs/training.md §1).
+# data: variable-length sequences right-padded per batch (positions start at 0, as at inference; pads
+# carry loss mask 0), each batch from one of `length_buckets` groups of similar length (docs/training.md §1)
 def load_split(split):
     ids, mask, offsets = load_shards(data_dir, split)
     order = np.argsort(np.diff(offsets), kind="stable")
@@ -120,15 +118,10 @@ def get_batch(data, step, micro_step, stream):
     rng = np.random.default_rng([seed, stream, step, micro_step * world_size + rank])
     bucket = buckets[rng.integers(len(buckets))]
     rows = bucket[rng.integers(0, len(bucket), size=batch_size)]
-    limit = model_config.max_seq_len + 1  # official: truncate to the context length
+    limit = model.config.max_seq_len + 1  # official: truncate to the context length
     seqs = [(ids[offsets[r]:offsets[r + 1]][:limit], mask[offsets[r]:offsets[r + 1]][:limit]) for r in rows]
-    T = max(len(s) for s, _ in seqs)
-    x = torch.zeros(batch_size, T, dtype=torch.long)
-    m = torch.zeros(batch_size, T, dtype=torch.float32)
-    for i, (s, ms) in enumerate(seqs):
-        x[i, : len(s)] = torch.from_numpy(s.astype(np.int64))
-        m[i, : len(s)] = torch.from_numpy(ms.astype(np.float32))
-    x, m = x.to(device), m.to(device)
+    x = pad_sequence([torch.from_numpy(s.astype(np.int64)) for s, _ in seqs], batch_first=True).to(device)  # (B, T)
+    m = pad_sequence([torch.from_numpy(ms.astype(np.float32)) for _, ms in seqs], batch_first=True).to(device)
     return x[:, :-1], x[:, 1:], m[:, 1:]  # inputs, targets, mask aligned with targets: (B, T - 1) each
 
 
@@ -153,9 +146,8 @@ if init_from == "resume":
                          "from the one before") from None
     iter_num = train_state["iter_num"]
 elif init_from == "scratch":
-    overrides = dict(vocab_size=data_vocab, dropout=dropout) | ({"max_seq_len": max_seq_len} if max_seq_len else {})
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig.from_name(model_name, **overrides))
+    model = Transformer(ModelConfig.from_name(model_name, vocab_size=data_vocab, dropout=dropout))
 else:  # start a stage from the previous stage's weights (paper §4: 256 -> 512 -> 768 px)
     folder = Path(init_from)
     model = Transformer.from_pretrained(folder, dtype=torch.float32) if (folder / "config.json").exists() \
@@ -168,27 +160,22 @@ if max_seq_len and max_seq_len != model.config.max_seq_len:
     model.reset_rope()
 for block in model.layers:
     block.dropout.p = dropout
-model_config = model.config
 model.to(device)
 n_params = model.num_params()
-log(f"model: {n_params / 1e6:.2f}M parameters, {model_config}")
+log(f"model: {n_params / 1e6:.2f}M parameters, {model.config}")
 
 if activation_checkpointing:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+train_model = model
 if ddp and parallel == "fsdp":  # one fully_shard per block, bf16 params, fp32 gradient reduction
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device_type == "cuda" else None,
                                   reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    train_model = model
 elif ddp:
-    from torch.nn.parallel import DistributedDataParallel as DDP
     train_model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-else:
-    train_model = model
 if compile:
     train_model = torch.compile(train_model)
 
@@ -205,16 +192,14 @@ if train_state is not None:  # full (unsharded) tensors, for DDP and FSDP alike
 
 
 def save_checkpoint():
-    """Weights + optimizer + step + config into ckpt-<step>.tmp, then rename: a run killed mid-write
-    leaves only a .tmp folder, which resume never picks (docs/checkpoints.md §3)."""
+    """Weights + optimizer + step + config into ckpt-<step>.tmp, renamed when whole (docs/checkpoints.md §3)."""
     model_state, optim_state = get_state_dict(model, optimizer,  # full tensors on CPU, DDP and FSDP alike
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not master:
         return
-    final = out / f"ckpt-{iter_num:08d}"
-    tmp = out / (final.name + ".tmp")
+    final, tmp = out / f"ckpt-{iter_num:08d}", out / f"ckpt-{iter_num:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.save(tmp, "model", model_state, model_config)
+    checkpoint.save(tmp, "model", model_state, model.config)
     torch.save({"optimizer": optim_state, "iter_num": iter_num, "config": config}, tmp / "train_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -226,27 +211,18 @@ def save_checkpoint():
 @torch.no_grad()
 def estimate_val_loss():
     model.eval()
-    losses = []
-    for k in range(eval_iters):
-        x, y, m = get_batch(val_data, k, 0, VAL_STREAM)
-        with autocast:
-            losses.append(compute_loss(model(x), y, m).item())
+    with autocast:
+        losses = [compute_loss(model(x), y, m).item()
+                  for x, y, m in (get_batch(val_data, k, 0, VAL_STREAM) for k in range(eval_iters))]
     model.train()
     return float(np.mean(losses))
 
 
 # -----------------------------------------------------------------------------
 # the loop. SIGTERM/SIGINT finish the current step, save and exit (a pre-empted job resumes exactly).
-stop_requested = False
-
-
-def request_stop(signum, frame):
-    global stop_requested
-    stop_requested = True
-
-
-signal.signal(signal.SIGTERM, request_stop)
-signal.signal(signal.SIGINT, request_stop)
+stop_requested = []  # the signals received
+for stop_signal in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(stop_signal, lambda signum, frame: stop_requested.append(signum))
 model.train()
 bad_steps, t_last, tokens_since = 0, time.time(), 0
 t_start, start_iter = time.time(), iter_num
@@ -284,7 +260,7 @@ while iter_num < max_iters and not stop_requested:
     if iter_num % log_interval == 0:
         tok_s = tokens_since / (time.time() - t_last)
         eta = (time.time() - t_start) / (iter_num - start_iter) * (max_iters - iter_num)
-        mfu = estimate_mfu(model_config, n_params, x.shape[1], tok_s / world_size, device)  # per GPU
+        mfu = estimate_mfu(model.config, n_params, x.shape[1], tok_s / world_size, device)  # per GPU
         log(f"step {iter_num}: loss {loss_sum:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s"
             + (f", mfu {mfu * 100:.1f}%" if mfu else "") + f", eta {eta / 60:.1f} min")
         t_last, tokens_since = time.time(), 0

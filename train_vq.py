@@ -63,8 +63,7 @@ def get_batch(step):
 
 # -----------------------------------------------------------------------------
 # model and optimizer: from scratch, or everything resume needs from out_dir/ckpt.pt
-out = Path(out_dir)
-out.mkdir(parents=True, exist_ok=True)
+out = Path(out_dir)  # atomic_write creates it
 ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True) if init_from == "resume" else None
 torch.manual_seed(seed)
 model = vq.MoVQGAN(vq.VQConfig(**ckpt["vq_config"]) if ckpt else vq.VQConfig.from_name(vq_name))

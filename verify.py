@@ -1,15 +1,12 @@
 """
 The shapes-world verifier, a reduced-scale GenEval detector (docs/shapes.md §4): pixels -> nearest
-palette colour -> connected components -> shape by the best-overlapping template in each component's
-box. Thin codec fringes vanish under one erosion; blobs far smaller than any object are dropped.
+palette colour -> connected components -> shape by the best-overlapping template in each box.
 `verify(image, spec)` scores an image against a prompt-set row (docs/shapes.md §5) as the fraction of
 checks passed, so it also ranks best-of-N draws; `parse_prompt` reads a caption back into such a row.
-What it is not: the world; shapes.py draws, this module only reads.
+Not the world: shapes.py draws, this module only reads.
 
-    verify.detect(image)           # [{shape, color, bbox, center, area}]
-    verify.verify(image, spec)     # 1.0: every check passed
-
-Tests: python -m pytest -q tests/test_verify.py
+    verify.detect(image)                       # [{shape, color, bbox, center, area}]
+    verify.verify(image, verify.parse_prompt("a photo of a red star"))   # 1.0: every check passed
 """
 import re
 
@@ -25,29 +22,30 @@ PASS_IOU = 0.5       # box IoU for "the same object" / mIoU for a dense map
 OUTLINE_GRAY = 170   # an edge map's pixel darker than this is outline: blurred 2 px lines stay below
 LIT = 70             # a segmentation pixel whose brightest channel reaches this is an object
 _NEIGHBOURS = ((0, 1), (0, -1), (1, 0), (-1, 0))
+PALETTE = {**COLORS, **BACKGROUNDS}  # what a scene's pixels are classified to, object colours first
 
 # -----------------------------------------------------------------------------
 # Pixels -> objects
 
 
-def _classify(image, palette):
-    """Index of the nearest palette colour for every pixel: [H, W] int."""
+def _classify(image):
+    """Index into PALETTE of the nearest colour for every pixel: [H, W] int."""
     x = np.asarray(image.convert("RGB"), np.float32)[:, :, None, :]  # (H, W, 1, 3)
-    p = np.asarray(palette, np.float32)[None, None]                   # (1, 1, K, 3)
+    p = np.asarray(list(PALETTE.values()), np.float32)[None, None]   # (1, 1, K, 3)
     return ((x - p) ** 2).sum(-1).argmin(-1)
 
 
 def _shift(a, dy, dx, fill):
     out = np.full_like(a, fill)
     h, w = a.shape
-    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = a[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        a[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
     return out
 
 
 def components(classes, valid):
-    """4-connected components of equal class among valid pixels: [H, W] labels, 0 = none. Each label
-    is the smallest pixel number in its component, reached by label propagation: every pass takes the
-    neighbours' minimum, then jumps to the label's own label (so passes grow with log of the size)."""
+    """4-connected components of equal class among valid pixels: [H, W] labels, 0 = none; a label is its
+    component's smallest pixel number, by propagation of the neighbours' minimum plus pointer jumping."""
     big = np.iinfo(np.int64).max
     lab = np.where(valid, np.arange(1, classes.size + 1).reshape(classes.shape), big)
     links = [((dy, dx), (_shift(classes, dy, dx, -1) == classes) & valid) for dy, dx in _NEIGHBOURS]
@@ -61,12 +59,8 @@ def components(classes, valid):
         lab = new
 
 
-def _erode(mask):
-    return np.logical_and.reduce([mask] + [_shift(mask, dy, dx, False) for dy, dx in _NEIGHBOURS])
-
-
-def _dilate(mask):
-    return np.logical_or.reduce([mask] + [_shift(mask, dy, dx, False) for dy, dx in _NEIGHBOURS])
+def _morph(mask, op):  # one 4-neighbour step: op np.logical_and erodes, np.logical_or dilates
+    return op.reduce([mask] + [_shift(mask, dy, dx, False) for dy, dx in _NEIGHBOURS])
 
 
 def _describe_component(mask, color):
@@ -83,11 +77,11 @@ def _describe_component(mask, color):
 
 def detect(image):
     """Objects in a scene image: [{shape, color, bbox (x0, y0, x1, y1 inclusive), center, area}]."""
-    names = list(COLORS) + list(BACKGROUNDS)
-    classes = _classify(image, list(COLORS.values()) + list(BACKGROUNDS.values()))
+    classes = _classify(image)
     labels = components(classes, classes < len(COLORS))
     masks = [labels == lab for lab in np.unique(labels[labels > 0])]
-    out = [_describe_component(m, names[classes[m][0]]) for m in masks if _erode(m).sum() >= MIN_CORE]
+    out = [_describe_component(m, list(PALETTE)[classes[m][0]]) for m in masks
+           if _morph(m, np.logical_and).sum() >= MIN_CORE]
     return sorted(out, key=lambda d: d["center"])
 
 
@@ -100,15 +94,14 @@ def detect_outlines(image):
     out = []
     for lab in np.setdiff1d(np.unique(light[light > 0]), border):
         inside = light == lab
-        mask = inside | np.isin(lines, np.unique(lines[_dilate(inside) & dark]))
+        mask = inside | np.isin(lines, np.unique(lines[_morph(inside, np.logical_or) & dark]))
         if inside.sum() >= MIN_CORE // 2:  # a star's inside is small: its tips are all outline
             out.append(_describe_component(mask, None))
     return sorted(out, key=lambda d: d["center"])
 
 
 def _segmentation_classes(image):
-    """Class per pixel of a segmentation map: 0 for the black background, else 1 + the SEG_COLORS
-    index by colour *direction*, since a blurred edge is its class colour darkened, not another hue."""
+    """Class per pixel of a segmentation map: 0 (black) or 1 + SEG_COLORS index by colour *direction*."""
     x = np.asarray(image.convert("RGB"), np.float32)
     p = np.asarray(list(SEG_COLORS.values()), np.float32)
     cos = (x @ p.T) / (np.linalg.norm(x, axis=-1, keepdims=True) * np.linalg.norm(p, axis=-1) + 1e-6)
@@ -117,8 +110,7 @@ def _segmentation_classes(image):
 
 def background_of(image):
     """The background name most of the image's pixels are nearest to."""
-    classes = _classify(image, list(BACKGROUNDS.values()) + list(COLORS.values()))
-    counts = np.bincount(classes.ravel(), minlength=len(BACKGROUNDS))[:len(BACKGROUNDS)]
+    counts = np.bincount(_classify(image).ravel(), minlength=len(PALETTE))[len(COLORS):]
     return list(BACKGROUNDS)[int(counts.argmax())]
 
 # -----------------------------------------------------------------------------
@@ -147,8 +139,8 @@ def _checks_t2i(found, spec):
 
 
 def _same_object(d, k, scene, spec):
-    """Is detection d target object k? Same shape and colour (an outline has none), and where the
-    edit put it: anywhere for an added object, in the named half for a moved one, else on its box."""
+    """Is detection d target object k? Same shape and colour (outlines have none), and where the edit
+    put it: anywhere if added, in the named half if moved, else on its box."""
     t = scene.objects[k]
     if d["shape"] != t.shape or d["color"] not in (None, t.color):
         return False
@@ -180,8 +172,7 @@ def _checks_segmentation(image, spec):
 
 
 def verify(image, spec):
-    """Score in [0, 1] of an image against a prompt-set spec; accuracy counts 1.0 only. Task specs
-    score the lower panel (a dual-panel image is split first) against the pair's ground truth."""
+    """Score in [0, 1] of an image (a task's lower panel, or both panels) against a prompt-set spec."""
     task = spec.get("task", "t2i")
     if task != "t2i" and image.height == 2 * spec["height"]:
         image = image.crop((0, spec["height"], image.width, image.height))
@@ -203,12 +194,12 @@ def verify(image, spec):
 # Free-text prompts (best-of-N on a user's prompt)
 
 _COUNT_WORDS = {"a": 1, "an": 1, **{w: n for n, w in NUMBERS.items()}}
-_NOUN_PHRASE = re.compile(rf"\b({'|'.join(_COUNT_WORDS)}|\d+)\s+(?:({'|'.join(COLORS)})\s+)?({'|'.join(SHAPES)})(?:es|s)?\b")
+_NOUN_PHRASE = re.compile(rf"\b({'|'.join(_COUNT_WORDS)}|\d+)\s+"  # a number, an optional colour, a shape
+                          rf"(?:({'|'.join(COLORS)})\s+)?({'|'.join(SHAPES)})(?:es|s)?\b")
 
 
 def parse_prompt(text):
-    """A caption in this world's language -> a spec: every '<number> [colour] <shape>' phrase, and
-    a relation word between the first two."""
+    """A caption -> a spec: every '<number> [colour] <shape>' phrase, a relation word between the first two."""
     found = list(_NOUN_PHRASE.finditer(text.lower()))
     if not found:
         raise ValueError(f"no shape in prompt {text!r}; expected e.g. 'a photo of a red star left of a circle'")
@@ -222,8 +213,3 @@ def parse_prompt(text):
     else:
         category = "counting" if objs[0]["count"] > 1 else "colors" if objs[0]["color"] else "single_object"
     return {"category": category, "prompt": text, "objects": objs, "relation": relation}
-
-
-def verify_prompt(image, prompt):
-    """verify() against a free-text T2I prompt (see parse_prompt)."""
-    return verify(image, parse_prompt(prompt))

@@ -1,10 +1,9 @@
 """SBER-MoVQGAN, the image codec of Lumina-mGPT 2.0: an f=8 VQGAN whose decoder norms are modulated
 by the quantized latent (MoVQ, arXiv 2209.09002; docs/codec.md).
 
-What it is: the official module tree and state-dict names (the released movqgan_{67M,102M,270M}.ckpt
-load unchanged), batched encode/decode at any multiple of 8 pixels, the image <-> tensor helpers of
-data prep and sampling, and the quality metrics train_vq.py and eval.py report. Of the project it
-imports only checkpoint.py. What it is not: a trainer (that is train_vq.py).
+What it is: the official module tree and state-dict names (the released movqgan_{67M,102M,270M}.ckpt load
+unchanged), batched encode/decode at any multiple of 8 pixels, image <-> tensor helpers for data prep and
+sampling, and the quality metrics of train_vq.py and eval.py. What it is not: a trainer (train_vq.py).
 
     codec = MoVQGAN.from_pretrained("movqgan_270M.ckpt")   # or our folder: assets, out/vq_shapes
     codes = codec.encode(x)                                # x [B,3,H,W] in [-1,1] -> [B,H/8,W/8]
@@ -63,7 +62,8 @@ VQ_CONFIGS = {
     "270M": dict(ch=256, num_res_blocks=2),  # the one Lumina-mGPT 2.0 uses
     # ours, for 64 px on CPUs: the same f=8 shape, narrow, attention at the 8x8 latent as 270M's 32x32-of-256
     "shapes": dict(ch=32, num_res_blocks=1, attn_resolutions=(8,), resolution=64, n_embed=2048, norm_groups=8),
-    "tiny": dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=64, n_embed=64, norm_groups=4),
+    "tiny": dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=64, n_embed=64,
+                 norm_groups=4),
 }
 
 # -----------------------------------------------------------------------------
@@ -78,7 +78,6 @@ class GroupNorm(nn.GroupNorm):
 
 class SpatialNorm(nn.Module):
     """MoVQ decoder norm: GroupNorm (with its own affine), then a per-pixel scale and shift from zq."""
-
     def __init__(self, channels, zq_channels, groups):
         super().__init__()
         self.norm_layer = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
@@ -104,7 +103,7 @@ class ResnetBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, head dim = C (docs/codec.md §2)."""
+    """Single-head self-attention over all H*W positions, head dim = C."""
     def __init__(self, c, norm):
         super().__init__()
         self.norm = norm(c)
@@ -119,8 +118,7 @@ class AttnBlock(nn.Module):
 
 
 class Resample(nn.Module):
-    """`downsample`: zero-pad right/bottom by 1, 3x3 stride-2 conv (exactly H/2 for even H);
-    `upsample`: nearest x2, 3x3 conv. One child `conv` either way (the official key)."""
+    """Down: zero-pad right/bottom by 1, 3x3 stride-2 conv (exactly H/2); up: nearest x2, 3x3 conv."""
     def __init__(self, c, up):
         super().__init__()
         self.up, self.conv = up, nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1 if up else 0)
@@ -130,15 +128,15 @@ class Resample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: ResnetBlocks `block.j`, each followed by `attn.j` if this level's
-    nominal resolution is in attn_resolutions, then `downsample`/`upsample` unless it is the last."""
-    def __init__(self, chans_in_out, attn, norm, dropout, resample=None):
+    """Level i: ResnetBlocks `block.j`, each then `attn.j` if resolution >> i is in attn_resolutions; `resample`."""
+    def __init__(self, c, i, cin, n_blocks, norm, resample=None):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(i, o, norm, dropout) for i, o in chans_in_out)
-        self.attn = nn.ModuleList(AttnBlock(o, norm) for _, o in chans_in_out if attn)
+        cout, attn = c.ch * c.ch_mult[i], c.resolution >> i in c.attn_resolutions
+        self.block = nn.ModuleList(ResnetBlock(cout if j else cin, cout, norm, c.dropout) for j in range(n_blocks))
+        self.attn = nn.ModuleList(AttnBlock(cout, norm) for _ in range(n_blocks) if attn)
         self.resample = resample
         if resample:
-            self.add_module(resample, Resample(chans_in_out[-1][1], up=resample == "upsample"))
+            self.add_module(resample, Resample(cout, up=resample == "upsample"))
 
     def forward(self, h, zq):
         for j, block in enumerate(self.block):
@@ -163,15 +161,10 @@ class Encoder(nn.Module):
         norm = lambda ch: GroupNorm(c.norm_groups, ch, eps=1e-6)  # noqa: E731
         chans, n = [c.ch * m for m in c.ch_mult], len(c.ch_mult)
         self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
-        self.down, block_in = nn.ModuleList(), c.ch
-        for i, ch in enumerate(chans):  # nominal resolution of level i: resolution / 2**i
-            self.down.append(Level([(block_in, ch)] + [(ch, ch)] * (c.num_res_blocks - 1),
-                                   c.resolution >> i in c.attn_resolutions, norm, c.dropout,
-                                   "downsample" if i < n - 1 else None))
-            block_in = ch
-        self.mid = Mid(block_in, norm, c.dropout)
-        self.norm_out = norm(block_in)
-        self.conv_out = nn.Conv2d(block_in, c.z_channels, 3, padding=1)  # double_z false
+        self.down = nn.ModuleList(Level(c, i, cin, c.num_res_blocks, norm, "downsample" if i < n - 1 else None)
+                                  for i, cin in enumerate([c.ch] + chans[:-1]))
+        self.mid = Mid(chans[-1], norm, c.dropout)
+        self.norm_out, self.conv_out = norm(chans[-1]), nn.Conv2d(chans[-1], c.z_channels, 3, padding=1)  # no double_z
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -181,20 +174,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """MOVQDecoder: every norm is a SpatialNorm on zq. `up` is indexed by level (up.0 = full
-    resolution, one more ResnetBlock per level than the encoder) and run deepest first."""
+    """MOVQDecoder: SpatialNorms on zq, a ResnetBlock more a level; up.0 is full resolution, so levels run reversed."""
     def __init__(self, c: VQConfig):
         super().__init__()
         norm = lambda ch: SpatialNorm(ch, c.embed_dim, c.norm_groups)  # noqa: E731
-        chans, n = [c.ch * m for m in c.ch_mult], len(c.ch_mult)
+        chans = [c.ch * m for m in c.ch_mult]
         self.conv_in = nn.Conv2d(c.z_channels, chans[-1], 3, padding=1)
         self.mid = Mid(chans[-1], norm, c.dropout)
-        self.up = nn.ModuleList(
-            Level([(chans[min(i + 1, n - 1)], chans[i])] + [(chans[i], chans[i])] * c.num_res_blocks,
-                  c.resolution >> i in c.attn_resolutions, norm, c.dropout, "upsample" if i > 0 else None)
-            for i in range(n))  # level i's input comes from level i+1 (the deepest from mid)
-        self.norm_out = norm(chans[0])
-        self.conv_out = nn.Conv2d(chans[0], c.out_ch, 3, padding=1)  # no tanh, no clamp
+        self.up = nn.ModuleList(Level(c, i, cin, c.num_res_blocks + 1, norm, "upsample" if i else None)
+                                for i, cin in enumerate(chans[1:] + chans[-1:]))  # input: level i+1 (deepest: mid)
+        self.norm_out, self.conv_out = norm(chans[0]), nn.Conv2d(chans[0], c.out_ch, 3, padding=1)  # no tanh or clamp
 
     def forward(self, z, zq):
         h = self.mid(self.conv_in(z), zq)
@@ -233,28 +222,28 @@ class MoVQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(c.z_channels, c.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
 
-    def _check_size(self, h, w):
-        d = self.config.downsample
-        if h % d or w % d:
+    def latent(self, x):
+        """x [B,3,H,W], H and W multiples of 8 -> the pre-quantization latent [B,embed_dim,H/8,W/8]."""
+        c, d = self.config, self.config.downsample
+        if x.dim() != 4 or x.shape[1] != c.in_channels:
+            raise ValueError(f"encode expects [B,{c.in_channels},H,W], got {list(x.shape)}")
+        H, W = x.shape[-2:]
+        if H % d or W % d:
             fix = lambda n: f"{n // d * d or d} or {n // d * d + d}"  # noqa: E731
-            raise ValueError(f"image size {w}x{h} (WxH) is not a multiple of {d}; try width "
-                             f"{fix(w)} and height {fix(h)}")
+            raise ValueError(f"image size {W}x{H} (WxH) is not a multiple of {d}; try width {fix(W)} "
+                             f"and height {fix(H)}")
+        return self.quant_conv(self.encoder(x))
 
     def forward(self, x):
         """Training pass: x [B,3,H,W] -> (reconstruction, VQ loss, codes [B,h,w], pre-quant latent)."""
-        self._check_size(*x.shape[-2:])
-        z = self.quant_conv(self.encoder(x))  # (B, embed_dim, H/8, W/8)
+        z = self.latent(x)
         z_q, vq_loss, codes = self.quantize(z)
         return self.decoder(self.post_quant_conv(z_q), z_q), vq_loss, codes, z
 
     @torch.no_grad()
     def encode(self, x):
-        """x [B,3,H,W] in [-1,1], H and W multiples of 8 -> codes LongTensor [B,H/8,W/8]."""
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"encode expects [B,{self.config.in_channels},H,W], got {list(x.shape)}")
-        self._check_size(*x.shape[-2:])
-        z = self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype)))
-        return self.quantize(z)[2]
+        """x [B,3,H,W] in [-1,1] -> codes LongTensor [B,H/8,W/8]."""
+        return self.quantize(self.latent(x.to(self.quant_conv.weight.dtype)))[2]
 
     @torch.no_grad()
     def decode(self, codes):
@@ -273,13 +262,11 @@ class MoVQGAN(nn.Module):
         our folder (vq.safetensors + vq.json). Strict, but `loss.*` keys (discriminator, LPIPS) drop."""
         path = Path(path)
         if path.is_dir():
-            config = read_config(path / "vq.json", VQConfig)
-            state = _read_state_dict(path / "vq.safetensors")
-        else:
-            state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("loss.")}
-            config = VQConfig.from_name(config) if isinstance(config, str) else config
-            config = config or _infer_config(state, path)
-        check_keys(_shapes(config), {k: tuple(v.shape) for k, v in state.items()}, f"{path} (MoVQGAN {config})")
+            config, path = read_config(path / "vq.json", VQConfig), path / "vq.safetensors"
+        state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("loss.")}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        config = VQConfig.from_name(config) if isinstance(config, str) else config or _infer_config(found, path)
+        check_keys(_shapes(config), found, f"{path} (MoVQGAN {config})")
         with torch.device("meta"):
             model = cls(config)
         model.load_state_dict(state, assign=True)
@@ -300,7 +287,7 @@ def _read_state_dict(path):
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:  # weights_only: unpickles tensors, never code
-        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, "cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse means the file is unusable
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -308,18 +295,13 @@ def _read_state_dict(path):
     return state
 
 
-def _infer_config(state, path):
-    """The released config whose keys and shapes `state` has; else name the closest one's misfits."""
-    found, misfits = {k: tuple(v.shape) for k, v in state.items()}, {}
-    for name in RELEASED:
-        try:
-            check_keys(_shapes(VQConfig.from_name(name)), found)
-            return VQConfig.from_name(name)
-        except ValueError as e:
-            misfits[name] = str(e)
-    best = min(RELEASED, key=lambda n: len(misfits[n]))  # the shortest complaint is the closest fit
-    raise ValueError(f"{path} matches none of the released configs {RELEASED}; pass config=<name> "
-                     f"or a VQConfig. Closest, {best}: {misfits[best]}")
+def _infer_config(found, path):
+    """The released config with exactly the keys and shapes `found`, else an error naming the closest one's misfits."""
+    shapes = {name: _shapes(VQConfig.from_name(name)) for name in RELEASED}
+    best = min(RELEASED, key=lambda name: len(shapes[name].items() ^ found.items()))  # fewest misfit keys
+    check_keys(shapes[best], found, f"{path} matches none of the released configs {RELEASED}; pass config=<name> "
+                                    f"or a VQConfig. Closest, {best}: the file")
+    return VQConfig.from_name(best)
 
 # -----------------------------------------------------------------------------
 # Image <-> tensor helpers, shared by data prep and sampling (docs/codec.md §4)
@@ -329,8 +311,7 @@ def pil_to_tensor(img):
     """PIL image -> FloatTensor [3,H,W] in [-1,1]; transparency is composited on white (official)."""
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
 def tensor_to_pil(x):
@@ -377,14 +358,12 @@ def ssim(x, y, window=11, sigma=1.5):
 @torch.no_grad()
 def evaluate(model, images, batch_size=64):
     """uint8 images [N,3,H,W] -> PSNR (dB, of the uint8 output), SSIM, codebook usage and perplexity."""
-    psnr, ssims, counts = [], [], torch.zeros(model.config.n_embed)
-    for i in range(0, len(images), batch_size):
-        x8 = images[i:i + batch_size].float()  # (B, 3, H, W), 0..255
-        codes = model.encode(x8 / 127.5 - 1)
-        y8 = ((model.decode(codes) + 1) * 127.5).round().clamp(0, 255)
-        counts += torch.bincount(codes.flatten(), minlength=model.config.n_embed).cpu()
-        psnr.append(10 * torch.log10(255**2 / ((x8 - y8) ** 2).mean((1, 2, 3)).clamp_min(1e-10)))
-        ssims.append(ssim(x8 / 255, y8 / 255))
+    x8 = images.float()  # (N, 3, H, W), 0..255
+    codes = torch.cat([model.encode(x / 127.5 - 1) for x in x8.split(batch_size)])  # (N, h, w)
+    y8 = ((torch.cat([model.decode(c) for c in codes.split(batch_size)]) + 1) * 127.5).round().clamp(0, 255)
+    psnr = 10 * torch.log10(255**2 / ((x8 - y8) ** 2).mean((1, 2, 3)).clamp_min(1e-10))
+    ssims = torch.cat([ssim(x / 255, y / 255) for x, y in zip(x8.split(batch_size), y8.split(batch_size))])
+    counts = torch.bincount(codes.flatten(), minlength=model.config.n_embed).float()
     p = counts / counts.sum()
-    return dict(psnr=torch.cat(psnr).mean().item(), ssim=torch.cat(ssims).mean().item(),
-                usage=(counts > 0).float().mean().item(), perplexity=torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item())
+    return dict(psnr=psnr.mean().item(), ssim=ssims.mean().item(), usage=(counts > 0).float().mean().item(),
+                perplexity=torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item())

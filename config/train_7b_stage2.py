@@ -1,5 +1,5 @@
-# Lumina-mGPT 2.0 7B, stage 2: 512 px, from stage 1. The paper gives no stage-2 learning rate;
-# 1e-4 (between stage 1's 2e-4 and stage 3's 2e-5) is our choice.
+# Lumina-mGPT 2.0 7B, stage 2 of 3: 512 px, from stage 1. The paper gives no stage-2 learning rate;
+# 1e-4 (between stage 1's 2e-4 and stage 3's 2e-5) is our choice. The recipe: train.py's defaults.
 # torchrun --standalone --nproc_per_node=8 train.py config/train_7b_stage2.py
 out_dir = "out/7b_stage2"
 init_from = "out/7b_stage1/ckpt-00100000"
@@ -14,10 +14,5 @@ max_iters = 50000
 learning_rate = 1e-4
 min_lr = 2e-5
 warmup_iters = 1000
-weight_decay = 0.1
-grad_clip = 4.0
-z_loss_weight = 1e-5
-dropout = 0.05
 eval_interval = 2000
 checkpoint_interval = 1000
-log_interval = 10

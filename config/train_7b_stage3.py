@@ -1,4 +1,5 @@
-# Lumina-mGPT 2.0 7B, stage 3: 768 px, lr 2e-5 (paper §4; official train.sh lr = min_lr = 2e-5).
+# Lumina-mGPT 2.0 7B, stage 3 of 3: 768 px, from stage 2, lr 2e-5 (paper §4; official train.sh lr = min_lr
+# = 2e-5). The recipe: train.py's defaults (docs/training.md §1).
 # torchrun --standalone --nproc_per_node=8 train.py config/train_7b_stage3.py
 out_dir = "out/7b_stage3"
 init_from = "out/7b_stage2/ckpt-00050000"
@@ -13,10 +14,5 @@ max_iters = 20000
 learning_rate = 2e-5
 min_lr = 2e-5
 warmup_iters = 200                     # official warmup_epochs 0.01
-weight_decay = 0.1
-grad_clip = 4.0
-z_loss_weight = 1e-5
-dropout = 0.05
 eval_interval = 1000
 checkpoint_interval = 1000
-log_interval = 10

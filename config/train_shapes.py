@@ -5,14 +5,12 @@ data_dir = "data/shapes"
 model_name = "shapes"
 device = "cpu"
 batch_size = 32
-gradient_accumulation_steps = 1
 max_iters = 12000
-# small models take a larger step than the paper's 7B (2e-4); warmup + cosine as official
+# small models take a larger step than the paper's 7B (2e-4); warm-up + cosine and the rest as train.py's
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 200
 dropout = 0.0           # the shapes world is plentiful; dropout only slows a short run
-z_loss_weight = 1e-5    # official train.sh
 eval_interval = 500
 eval_iters = 10
 log_interval = 20

@@ -13,11 +13,9 @@ FILES = {"ids.bin": np.int32, "mask.bin": np.uint8, "offsets.npy": np.int64}  # 
 
 class ShardWriter:
     """Writes .tmp files; close() renames them into place, offsets last, so no half shard looks whole."""
-
     def __init__(self, folder, split):
         Path(folder).mkdir(parents=True, exist_ok=True)
-        self.paths, self.offsets = [Path(folder) / f"{split}.{name}" for name in FILES], [0]
-        self.files = [open(f"{path}.tmp", "wb") for path in self.paths]
+        self.files, self.offsets = [open(Path(folder) / f"{split}.{name}.tmp", "wb") for name in FILES], [0]
 
     def add(self, ids, mask):  # a length mismatch shows as a torn shard in load_shards
         for f, dtype, values in zip(self.files, FILES.values(), (ids, mask)):
@@ -26,9 +24,9 @@ class ShardWriter:
 
     def close(self):
         np.save(self.files[-1], np.asarray(self.offsets, FILES["offsets.npy"]))
-        for path, f in zip(self.paths, self.files):
+        for f in self.files:
             f.close()
-            Path(f.name).replace(path)
+            Path(f.name).replace(f.name.removesuffix(".tmp"))
 
 
 def load_shards(folder, split):

@@ -1,7 +1,7 @@
 """A miniature Lumina-mGPT 2.0 release in the official layout, for end-to-end tests.
 
 Same file names, key names, token ids, special-token strings and codec format as the real release
-(../shared/specs/lumina_mgpt2.md §1-§2, movqgan.md §3); only the widths are tiny. The vocabulary
+(docs/architecture.md §5, docs/tokens.md §2, docs/codec.md §3); only the widths are tiny. The vocabulary
 keeps the official size so image codes sit at 155000-171383 and the codec keeps 16,384 codes.
 """
 import json
@@ -56,7 +56,7 @@ def write_fake_release(folder, n_shards=2, seed=0, max_position_embeddings=1024)
         weight_map.update({k: name for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "tokenizer.json").write_text(json.dumps(official_tokenizer_json()))
-    # the codec as released: a plain pickled fp32 state dict with the official key names (movqgan.md §3)
+    # the codec as released: a plain pickled fp32 state dict with the official key names (docs/codec.md §3)
     vq_config = VQConfig(**{**VQConfig.from_name("tiny").__dict__, "n_embed": 16384})
     codec_dir = folder / "movqgan"
     codec_dir.mkdir(exist_ok=True)

@@ -185,14 +185,14 @@ def test_killed_run_resumes_to_the_same_shards(world, tmp_path):
                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while not (killed / "parts" / "part-000000.npz").exists():
+        while not (killed / "parts" / "part-000000.pkl").exists():
             assert proc.poll() is None, (tmp_path / "log.txt").read_text()
             assert time.monotonic() < deadline, "no part file within 60 s"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the script and its pool
         proc.wait()
-    assert not (killed / "meta.json").exists() and not (killed / "parts" / "part-000004.npz").exists()
+    assert not (killed / "meta.json").exists() and not (killed / "parts" / "part-000004.pkl").exists()
     os.remove(tmp_path / "kill" / "late.png")
     picture(np.random.default_rng(1), 200, 150).save(tmp_path / "kill" / "late.png")
     log = StringIO()

@@ -17,8 +17,9 @@ from PIL import Image
 import sample
 import shapes
 import verify
+from bench import generate_uncached
 from best_of import edit_spec, make_scorer, think
-from sample import generate, logits_to_probs, make_grid, main, sample_from, sample_images
+from sample import generate, logits_to_probs, make_grid, main, sample_images
 from sequence import image_body_plan, image_header_ids, prompt_ids, stack_panels, t2i_prompt, unconditional_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,32 +44,16 @@ def test_same_seed_same_image(tiny_system):
     assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
 
 
-def naive_generate(model, layout, prefix, uncond_prefix, plan, cfg_scale, top_k, temperature, generator):
-    """The naive reference: no cache, the whole sequence recomputed each step, the conditional and
-    unconditional contexts as two separate sequences, as the official code runs them. One sample."""
-    cond, uncond = list(prefix), list(uncond_prefix)
-    with torch.no_grad():
-        for i in range(len(plan)):
-            logits = model(torch.tensor([cond]))[:, -1:]
-            if cfg_scale != 1.0:
-                logits = torch.cat([logits, model(torch.tensor([uncond]))[:, -1:]])
-            token = int(sample_from(logits_to_probs(logits, plan[i:i + 1], layout, cfg_scale, top_k, temperature),
-                                    generator))
-            cond.append(token)
-            uncond.append(token)
-    return torch.tensor([cond[len(prefix):]])
-
-
 @pytest.mark.parametrize("top_k, temperature", [(1, 1.0), (50, 1.0)])
 def test_cached_batched_cfg_equals_uncached_separate_passes(tiny_system, top_k, temperature):
-    """Static cache + CFG as one left-padded batch of two == recomputing everything with the
-    unconditional context as its own sequence (the official way), token for token."""
+    """Static cache + CFG as one left-padded batch of two == bench.py's naive decoder, which recomputes
+    everything with the unconditional context as its own sequence (the official way), token for token."""
     prefix, uncond, plan = t2i_context(tiny_system)
     kw = dict(cfg_scale=3.0, top_k=top_k, temperature=temperature)
     cached, _ = generate(tiny_system.model, tiny_system.layout, prefix, uncond, plan,
                          generator=torch.Generator().manual_seed(7), **kw)
-    naive = naive_generate(tiny_system.model, tiny_system.layout, prefix, uncond, plan,
-                           generator=torch.Generator().manual_seed(7), **kw)
+    naive = generate_uncached(tiny_system.model, tiny_system.layout, prefix, uncond, plan,
+                              generator=torch.Generator().manual_seed(7), **kw)
     assert torch.equal(cached, naive)
 
 

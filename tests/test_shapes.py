@@ -63,7 +63,7 @@ def test_task_targets_read_back_as_their_scene():
         for task in ("edge", "depth", "edit", "dense"):
             upper, lower, spec = W.make_task(rng, task)
             scene = W.target_scene(spec)
-            assert W.target_rows(scene) == spec["target"] and all(isinstance(o, W.Obj) for o in scene.objects)
+            assert W.target_rows(scene.objects) == spec["target"] and all(isinstance(o, W.Obj) for o in scene.objects)
             redraw = W.DENSE_RENDER[spec["dense_map"]] if task == "dense" else \
                 {"edge": W.render_edges, "depth": W.render_depth, "edit": W.render}[task]
             assert redraw(scene).tobytes() == (upper if task in ("edge", "depth") else lower).tobytes()

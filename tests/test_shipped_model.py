@@ -10,9 +10,9 @@ from PIL import Image
 
 import shapes
 from model import Transformer
+import sample
 from sample import load_system, main, sample_images
-from verify import verify_prompt
-from vq import MoVQGAN
+from verify import parse_prompt, verify
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # compositions seen in training (none is in shapes.HeldOut): this checks that the weights learned
@@ -23,17 +23,18 @@ DRAWS, MUST_ACCEPT = 8, 6  # the 3-of-4 rate
 
 @pytest.fixture(scope="module")
 def system(one_thread):
+    """The shipped system, loaded once for the whole file."""
     return load_system(ASSETS)
 
 
 def draws_accepted(system, prompt):
     """How many of DRAWS independent draws the verifier accepts in full."""
     images, _ = sample_images(system, prompt, num_samples=DRAWS, seed=0)
-    return sum(verify_prompt(image, prompt) >= 1.0 for image in images)
+    return sum(verify(image, parse_prompt(prompt)) >= 1.0 for image in images)
 
 
-def test_shipped_codec_reaches_32_db_on_held_out_images():
-    codec = MoVQGAN.from_pretrained(ASSETS)
+def test_shipped_codec_reaches_32_db_on_held_out_images(system):
+    codec = system.codec
     images = shapes.codec_training_images(48, size=64, seed=424242)  # a seed no training run used
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
@@ -63,8 +64,13 @@ def test_untrained_model_fails_the_same_check(system):
     (["--prompt", "a red circle left of a blue square"], (64, 64)),
     (["--task", "edge", "--ref", str(ASSETS / "refs" / "edges.png"), "--prompt", "a red star"], (64, 128)),
 ])
-def test_readme_commands_run_on_the_shipped_assets(one_thread, tmp_path, argv, size):
-    """The README's first T2I command and its --task example, on what a fresh clone holds."""
+def test_readme_commands_run_on_the_shipped_assets(system, tmp_path, argv, size, monkeypatch):
+    """The README's first T2I command and its --task example, on what a fresh clone holds (the
+    default --ckpt is assets/; the file's one loaded copy of it stands in for a second load)."""
+    def shared(ckpt, *args):  # (vq, device, dtype, quant, vq_config)
+        assert Path(ckpt) == ASSETS
+        return system if args == (None, "cpu", torch.float32, None, None) else load_system(ckpt, *args)
+    monkeypatch.setattr(sample, "load_system", shared)
     main(argv + ["--out", str(tmp_path)])
     written = sorted(tmp_path.glob("*_s0_0.png"))
     assert len(written) == 1 and Image.open(written[0]).size == size

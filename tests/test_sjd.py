@@ -2,13 +2,14 @@
 distribution as plain decoding (a chi-square test that also rejects a broken acceptance rule);
 never more forward passes than plain decoding."""
 import inspect
+from functools import partial
 
 import pytest
 import torch
 
 import sjd
 from model import ModelConfig, Transformer
-from sample import generate, logits_to_probs, make_step
+from sample import CACHE_MULTIPLE, cfg_batch, decode_n_tokens, generate, logits_to_probs, make_step, prefill
 from sequence import TokenLayout, image_body_plan, image_header_ids, prompt_ids, t2i_prompt, unconditional_ids
 
 
@@ -56,31 +57,34 @@ TOY = TokenLayout(bos_id=0, image_start_id=1, image_end_id=2, eol_id=3, sep_id=4
                   codebook_size=4, size_token_ids=(5, 6, 7))
 TOY_PREFIX = [0, 4, 4, TOY.image_start_id, 5, 6]
 TOY_SAMPLING = dict(cfg_scale=2.0, top_k=3, temperature=1.0)  # top-k 3 of 4: p(draft) = 0 happens
-# 3x3 codes, window 4 (3 drafts a pass): tokens 1, 2, 4 lie in the first window (3 is an EOL),
-# tokens 5, 6, 8 in later windows
+# window 4 (3 drafts a pass) over the first 9 tokens of a 3x3-code image: tokens 1, 2, 4 lie in the
+# first window (3 is an EOL), tokens 5, 6, 8 in later ones, the last pinned at the plan's end
 POSITIONS = [(1, 2, 4), (5, 6, 8)]
+PLAN_LEN = 9  # tokens: the laws of POSITIONS never look further, so the toy samples no more
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def exact_joint(model, plan, positions):
-    """P(codes at `positions`) by enumeration: the chain rule over every image prefix with the
-    exact probabilities of the shared sampling function (CFG, constraint, top-k) -> (4**k,)."""
-    uncond = unconditional_ids(TOY_PREFIX, TOY)
-    last = max(positions)
-    free = [i for i in range(last + 1) if plan[i] < 0]
-    grid = torch.cartesian_prod(*[torch.arange(TOY.codebook_size)] * len(free)).view(-1, len(free))
-    body = plan[:last + 1].repeat(len(grid), 1)
-    body[:, free] = grid + TOY.image_code_offset  # (N, last+1): every possible image prefix
+    """P(codes at `positions`) by enumeration: the chain rule over every image prefix before the last
+    position (a code), with the exact probabilities of the shared sampling function (CFG, constraint,
+    top-k); the last position's law comes with each prefix's final logits -> (4**k,)."""
+    uncond, last, n_codes = unconditional_ids(TOY_PREFIX, TOY), positions[-1], TOY.codebook_size
+    free = [i for i in range(last) if plan[i] < 0]
+    grid = torch.cartesian_prod(*[torch.arange(n_codes)] * len(free)).view(-1, len(free))
+    body = plan[:last].repeat(len(grid), 1)
+    body[:, free] = grid + TOY.image_code_offset  # (N, last): every image prefix before `last`
     with torch.no_grad():
         cond = model(torch.cat([torch.tensor(TOY_PREFIX).expand(len(body), -1), body], 1))
         unc = model(torch.cat([torch.tensor(uncond).expand(len(body), -1), body], 1))
         k, ku = len(TOY_PREFIX) - 1, len(uncond) - 1
         logits = torch.cat([cond[:, k:k + last + 1], unc[:, ku:ku + last + 1]])
         probs = logits_to_probs(logits, plan[:last + 1], TOY, **TOY_SAMPLING)  # (N, last+1, V)
-    prob = probs.gather(-1, body[..., None])[..., 0].prod(1)  # (N,) P(whole prefix)
-    return torch.zeros(TOY.codebook_size ** len(positions)).index_add_(0, cell(body, positions), prob)
+    prefix_prob = probs[:, :last].gather(-1, body[..., None])[..., 0].prod(1)  # (N,) P(prefix)
+    joint = prefix_prob[:, None] * probs[:, last, TOY.image_code_offset:TOY.image_code_offset + n_codes]  # (N, 4)
+    cells = cell(body, positions[:-1])[:, None] + torch.arange(n_codes) * n_codes ** (len(positions) - 1)
+    return torch.zeros(n_codes ** len(positions)).index_add_(0, cells.flatten(), joint.flatten())
 
 
 def cell(tokens, positions):
@@ -101,30 +105,52 @@ def chi2_pvalue(counts, probs, min_expected=5.0):
 
 
 def toy_samples(model, plan, sjd_window, batches, per_batch, init="random"):
+    """`batches` runs of `per_batch` samples, seeds 0, 1, ...: sample.generate with its prefill hoisted out
+    of the loop. Every run shares the prefix and reads only cache entries that the prefill or the run
+    itself wrote, so the tokens are generate()'s (test_hoisted_prefill_gives_generates_tokens)."""
     uncond = unconditional_ids(TOY_PREFIX, TOY)
-    out = []
-    for seed in range(batches):
-        tokens, stats = generate(model, TOY, TOY_PREFIX, uncond, plan, num_samples=per_batch,
-                                 generator=torch.Generator().manual_seed(seed), sjd_window=sjd_window,
-                                 sjd_init=init, **TOY_SAMPLING)
-        assert stats["forward_passes"] <= len(plan)
-        out.append(tokens)
-    return torch.cat(out)
+    max_len = -(-(len(TOY_PREFIX) + len(plan)) // CACHE_MULTIPLE) * CACHE_MULTIPLE  # generate()'s cache length
+    idx, key_mask = cfg_batch(TOY_PREFIX, uncond, per_batch, TOY_SAMPLING["cfg_scale"], TOY.bos_id, max_len, "cpu")
+    probs_fn = partial(logits_to_probs, layout=TOY, **TOY_SAMPLING)
+    model.setup_caches(len(idx), max_len)
+    runs = []
+    try:
+        with torch.no_grad():
+            logits, step = prefill(model, idx, key_mask), make_step(model, key_mask, use_cfg=True)
+            for seed in range(batches):
+                generator = torch.Generator().manual_seed(seed)
+                runs.append(sjd.sjd_generate(step, logits, plan, len(TOY_PREFIX), probs_fn, TOY, generator=generator,
+                                             window=sjd_window, init=init) if sjd_window else
+                            decode_n_tokens(step, logits, plan, len(TOY_PREFIX), probs_fn, generator))
+    finally:
+        model.clear_caches()
+    assert all(stats["forward_passes"] <= len(plan) for _, stats in runs)
+    return torch.cat([tokens for tokens, _ in runs])
 
 
 @pytest.fixture(scope="module")
 def toy(one_thread):
-    """A toy model (4 image codes), the plan of a 3x3-code image, the exact joint laws of
-    POSITIONS, and 1600 plain samples: computed once for the tests below."""
+    """A toy model (4 image codes), the plan of the first PLAN_LEN tokens of a 3x3-code image, the
+    exact joint laws of POSITIONS, and 1600 plain samples: computed once for the tests below."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny", vocab_size=TOY.vocab_size, dim=32, intermediate_size=64,
                                               max_seq_len=64))
     with torch.no_grad():
         model.lm_head.weight.mul_(15.0)  # skewed (joint entropy ~half of uniform), input-dependent laws
     model.eval()
-    plan = image_body_plan(3, 3, TOY)
+    plan = image_body_plan(3, 3, TOY)[:PLAN_LEN]
     exact = [exact_joint(model, plan, positions) for positions in POSITIONS]
     return model, plan, exact, toy_samples(model, plan, sjd_window=0, batches=4, per_batch=400)
+
+
+@pytest.mark.parametrize("sjd_window", [0, 4])
+def test_hoisted_prefill_gives_generates_tokens(toy, sjd_window):
+    """toy_samples' shortcut (one prefill for many runs) samples exactly what sample.generate samples."""
+    model, plan, _, _ = toy
+    uncond = unconditional_ids(TOY_PREFIX, TOY)
+    expected = [generate(model, TOY, TOY_PREFIX, uncond, plan, num_samples=2, sjd_window=sjd_window,
+                         generator=torch.Generator().manual_seed(seed), **TOY_SAMPLING)[0] for seed in range(3)]
+    assert torch.equal(toy_samples(model, plan, sjd_window, batches=3, per_batch=2), torch.cat(expected))
 
 
 def test_chi2_pvalue_helper():
@@ -136,11 +162,11 @@ def test_chi2_pvalue_helper():
         assert float(torch.special.gammaincc(half[0], half[1])) == pytest.approx(p, abs=1e-4)
 
 
-@pytest.mark.parametrize("init, batches, per_batch", [("random", 700, 2), ("spatial", 700, 2), ("random", 4, 400)])
+@pytest.mark.parametrize("init, batches, per_batch", [("random", 350, 4), ("spatial", 350, 4), ("random", 4, 400)])
 def test_sjd_samples_the_plain_distribution(toy, init, batches, per_batch):
-    """1400-1600 SJD samples (window 4, so each image takes several windows): the joint law of three
+    """1400-1600 SJD samples (window 4, so each sample takes several windows): the joint law of three
     codes inside the first window, and of three codes across later windows, fits the exact law
-    (chi-square, p > 0.01). Batches of 2 exercise fresh drafts (random or spatial); batches of 400
+    (chi-square, p > 0.01). Small batches exercise fresh drafts (random or spatial); batches of 400
     exercise the batch rule (rows ahead of the slowest keep their tokens)."""
     model, plan, exact, _ = toy
     tokens = toy_samples(model, plan, sjd_window=4, batches=batches, per_batch=per_batch, init=init)

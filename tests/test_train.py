@@ -1,10 +1,11 @@
 """train.py: it learns, DDP equals gradient accumulation, FSDP2 equals DDP, a killed run resumes
 bitwise-exactly, and half-written checkpoints are never picked up. Runs the real script: in this
-process where one process will do (runpy), in child processes for SIGTERM and the two-rank runs."""
+process where one process will do (runpy), under one torchrun launch for the two-rank runs."""
 import json
 import os
 import runpy
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import redirect_stdout
@@ -13,40 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from data.shards import ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs match the 1-thread child processes bit for bit
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs match the 1-thread torchrun ranks bit for bit
 
-# Two gloo ranks, forked from one launch that imported torch once; each rank runs train.py once per
-# argument list, each run with a fresh rendezvous port (re-initialising under one torchrun would
-# reuse its store's keys). The environment is what torchrun sets.
-TWO_RANKS = r"""
-import json, multiprocessing, os, runpy, socket, sys
-import torch.distributed.fsdp, model, data.shards  # what train.py imports, once, before the fork
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-def rank_main(rank, runs):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
-    for port, args in runs:
-        os.environ["MASTER_PORT"] = str(port)
-        sys.argv = ["train.py", *args]
-        runpy.run_path("train.py")
-
-runs = [(free_port(), args) for args in json.loads(sys.argv[1])]
-ranks = [multiprocessing.get_context("fork").Process(target=rank_main, args=(r, runs)) for r in range(2)]
-for p in ranks:
-    p.start()
-for p in ranks:
-    p.join()
-sys.exit(max(p.exitcode for p in ranks))
+# Each rank of one torchrun launch runs train.py once per argument list. Every run gets its own store
+# on its own port: re-initialising on the agent's store would reuse its keys.
+TWO_RUNS = """
+import json, os, runpy, sys
+os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+for port, args in json.loads(sys.argv[1]):
+    os.environ["MASTER_PORT"] = str(port)
+    sys.argv = ["train.py", *args]
+    runpy.run_path("train.py")
 """
 
 
@@ -71,10 +55,22 @@ def common(data, out, **kw):
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def train(args):
+class Log(StringIO):
+    """train.py's stdout; sends this process SIGTERM when a line starts with `stop_at`."""
+    def __init__(self, stop_at=None):
+        super().__init__()
+        self.stop_at = stop_at
+
+    def write(self, text):
+        if self.stop_at and text.startswith(self.stop_at):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().write(text)
+
+
+def train(args, stop_at=None):
     """train.py in this process; returns what it printed. Its SIGTERM/SIGINT handlers are undone after."""
     handlers, argv = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}, sys.argv
-    sys.argv, log = [str(REPO / "train.py"), *args], StringIO()
+    sys.argv, log = [str(REPO / "train.py"), *args], Log(stop_at)
     try:
         with redirect_stdout(log):
             runpy.run_path(str(REPO / "train.py"), run_name="__main__")
@@ -83,6 +79,12 @@ def train(args):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     return log.getvalue()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def final_weights(out):
@@ -107,11 +109,16 @@ def test_two_ranks_ddp_equals_accumulation_and_fsdp2_equals_ddp(tmp_path):
     and FSDP2 (fully_shard per block) on 2 ranks trains the same weights as DDP."""
     data = tmp_path / "data"
     write_data(data)
-    train(common(data, tmp_path / "single", gradient_accumulation_steps=2, max_iters=4))
-    runs = [common(data, tmp_path / "ddp", max_iters=4), common(data, tmp_path / "fsdp", max_iters=4, parallel="fsdp")]
-    proc = subprocess.run([sys.executable, "-c", TWO_RANKS, json.dumps(runs)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = [(free_port(), common(data, tmp_path / "ddp", max_iters=4)),
+            (free_port(), common(data, tmp_path / "fsdp", max_iters=4, parallel="fsdp"))]
+    (tmp_path / "two_runs.py").write_text(TWO_RUNS)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(tmp_path / "two_runs.py"), json.dumps(runs)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    train(common(data, tmp_path / "single", gradient_accumulation_steps=2, max_iters=4))  # while torchrun starts
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output[-5000:]
     single, ddp, fsdp = (final_weights(tmp_path / name) for name in ("single", "ddp", "fsdp"))
     assert single.keys() == ddp.keys() == fsdp.keys()
     for k in single:
@@ -120,22 +127,16 @@ def test_two_ranks_ddp_equals_accumulation_and_fsdp2_equals_ddp(tmp_path):
 
 
 def test_killed_run_resumes_bitwise(tmp_path):
-    """SIGTERM mid-run saves; resuming finishes with weights identical to an uninterrupted run."""
+    """SIGTERM mid-run finishes the step and saves; resuming finishes with weights identical to an
+    uninterrupted run (dropout on, so the resumed run must also repeat the dropout masks)."""
     write_data(tmp_path / "data")
-    n = 60
-    kw = dict(max_iters=n, lr_decay_iters=n, dropout=0.1)
+    kw = dict(max_iters=8, lr_decay_iters=8, dropout=0.1)
     train(common(tmp_path / "data", tmp_path / "full", **kw))
-    proc = subprocess.Popen([sys.executable, "train.py"] + common(tmp_path / "data", tmp_path / "cut", **kw),
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # stop once training is under way
-        if line.startswith("step 3:"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0, rest
-    stopped_at = int(sorted(p.name for p in (tmp_path / "cut").glob("ckpt-*"))[-1].split("-")[1])
-    assert 3 <= stopped_at < n, "the run should have stopped early"
-    train(common(tmp_path / "data", tmp_path / "cut", init_from="resume", **kw))
+    train(common(tmp_path / "data", tmp_path / "cut", **kw), stop_at="step 3:")
+    assert [p.name for p in (tmp_path / "cut").glob("ckpt-*")] == ["ckpt-00000003"]  # stopped, not finished
+    torch.seed()  # a new process's RNG state, not where step 3 left it: the resumed run must reseed
+    out = train(common(tmp_path / "data", tmp_path / "cut", init_from="resume", **kw))
+    assert "resuming from" in out and "step 4:" in out and "step 3:" not in out
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
     for k in a:
         assert np.array_equal(a[k].numpy(), b[k].numpy()), k

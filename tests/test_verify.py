@@ -119,8 +119,8 @@ def test_non_square_canvases():
 
 
 def test_parse_prompt_reads_back_every_caption(renders):
-    """parse_prompt inverts the caption language (varied wording included), so verify_prompt on a
-    free-text prompt scores a ground-truth render like verify on its spec."""
+    """parse_prompt inverts the caption language (varied wording included), so a free-text prompt
+    read back scores a ground-truth render like its spec."""
     rng = random.Random(2)
     for _ in range(300):
         spec = W.sample_spec(rng, rng.choice(W.CATEGORIES))
@@ -128,6 +128,6 @@ def test_parse_prompt_reads_back_every_caption(renders):
         assert (got["category"], got["objects"], got["relation"]) == (spec["category"], spec["objects"], spec["relation"])
     for spec, img in renders:
         if "task" not in spec:
-            assert V.verify_prompt(img, spec["prompt"]) == 1.0
+            assert V.verify(img, V.parse_prompt(spec["prompt"])) == 1.0
     with pytest.raises(ValueError, match="no shape"):
         V.parse_prompt("a photo of a dog")

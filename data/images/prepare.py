@@ -12,18 +12,18 @@ are skipped and listed in skipped.txt.
   python -m data.images.prepare --manifest=my/train.jsonl --codec=movqgan_270M.ckpt --workers=8 \\
       --tokenizer=Lumina-mGPT-2.0/tokenizer.json --target_size=256 --out_dir=data/images/stage1_256
 """
-import io
 import json
 import multiprocessing as mp
 import os
+import pickle
 import random
 import shutil
 import sys
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -36,33 +36,26 @@ from data.shards import ShardWriter
 from vq import MoVQGAN, center_crop, pil_to_tensor
 
 MAX_RATIO = 4.0  # official generate_crop_size_list(max_ratio=4.0) (docs/tokens.md §3)
-SPLITS, KINDS = ("train", "val"), ("t2i", "dual")
-PART = "part-{:06d}.npz"  # parts/PART.format(k): chunk k, done
+SPLITS = ("train", "val")
+PART = "part-{:06d}.pkl"  # parts/PART.format(k): chunk k, done
 SETTINGS = dict(  # --key=value; --help lists them
     manifest="", codec="", tokenizer="", out_dir="",  # required: JSONL; official movqgan_270M.ckpt or our codec
     #   folder; the official release's tokenizer.json (official layout) or ours; one folder per stage resolution
     target_size=768,      # bucket area target_size^2 px: 256/512/768 for stages 1/2/3 (official default 768)
     val_fraction=0.01, seed=0,
-    workers=1,            # processes; 1 runs in this one
+    workers=1, batch_size=16,  # processes (1: this one); images per codec call
     chunk_size=256,       # manifest lines per part file: the unit of resume
-    batch_size=16,        # images per codec call
     device="cuda" if torch.cuda.is_available() else "cpu",  # "cuda": each worker a GPU in turn; "cuda:1": all on one
     force=False)          # rebuild even if meta.json says the shards are current
 
 
 def bucket_sizes(target_size, panels=1, unit=32):
-    """Panel sizes (w, h) in pixels as the official generate_crop_size_list walks them: only near-full
-    buckets of (target_size / unit)^2 grids. Dual panels (ours): half each, stacked ratio <= 4."""
+    """Panel sizes (w, h) in pixels in the order the official generate_crop_size_list walks them: for each
+    width w, heights budget // (w + 1) to budget // w, so only near-full buckets of budget grids, aspect
+    ratio <= 4. Dual panels (ours): half the grids each, stacked ratio <= 4."""
     budget = (target_size // unit) ** 2 // panels  # grids per panel
-    sizes, w, h = [], budget, 1
-    while w > 0:
-        if max(w, panels * h) <= MAX_RATIO * min(w, panels * h):
-            sizes.append((w * unit, h * unit))
-        if w * (h + 1) <= budget:
-            h += 1
-        else:
-            w -= 1
-    return sizes
+    grids = [(w, h) for w in range(budget, 0, -1) for h in range(max(1, budget // (w + 1)), budget // w + 1)]
+    return [(w * unit, h * unit) for w, h in grids if max(w, panels * h) <= MAX_RATIO * min(w, panels * h)]
 
 
 def choose_bucket(width, height, sizes):
@@ -88,10 +81,9 @@ def open_image(path):
 
 
 def read_line(n, line, folder, sizes, seed, val_fraction):
-    """Line n (0-based) -> (text, PIL image, drop_text, split, kind), or raise Skip."""
+    """Line n (0-based) -> (split, bucket name, text, PIL image, drop_text), or raise Skip."""
     rng = random.Random(f"{seed}-{n}")  # three draws, always, whatever the line holds
     val, unsized, drop = (rng.random() < p for p in (val_fraction, UNSIZED_T2I, S.CFG_DROP_PROB))
-    split = SPLITS[val]
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -110,7 +102,7 @@ def read_line(n, line, folder, sizes, seed, val_fraction):
     if task == "t2i":  # official: 10% size-free prompts, 10% text dropped for CFG (docs/tokens.md §5, §7)
         w, h = choose_bucket(*target.size, sizes[1])
         text = S.t2i_prompt(caption) if unsized else S.t2i_prompt(caption, w, h)
-        return text, center_crop(target, w, h), drop, split, "t2i"
+        return SPLITS[val], f"t2i {w}x{h}", text, center_crop(target, w, h), drop
     ref = open_image(folder / row["ref"])
     w, h = choose_bucket(*target.size, sizes[2])  # both panels take the target's bucket
     upper, lower = center_crop(ref, w, h), center_crop(target, w, h)
@@ -118,7 +110,7 @@ def read_line(n, line, folder, sizes, seed, val_fraction):
         upper, lower = upper.convert("RGBA"), lower.convert("RGBA")
     text = S.task_prompt(task, caption, w, 2 * h, subject=row.get("subject"),
                          dense_map=row.get("dense_map", S.DENSE_MAPS["dense"]))
-    return text, S.stack_panels(upper, lower), False, split, "dual"  # dropout is T2I-only (docs/tokens.md §7)
+    return SPLITS[val], f"dual {w}x{2 * h}", text, S.stack_panels(upper, lower), False  # dropout: T2I only
 
 
 _worker = {}  # per process: the settings, codec and tokenizer, loaded once by init_worker
@@ -134,7 +126,7 @@ def init_worker(cfg, device, threads=None):
 
 
 def process_chunk(task):
-    """(k, first line number, lines) -> parts/part-k.npz; returns (lines done, skip messages)."""
+    """(k, first line number, lines) -> parts/PART: [(split, bucket, ids, mask)] and the skip messages."""
     (k, first, lines), w, examples, skipped, codes = task, _worker, [], [], {}
     for n, line in enumerate(lines, first):
         try:
@@ -142,34 +134,30 @@ def process_chunk(task):
                 examples.append(read_line(n, line, Path(w["folder"]), w["sizes"], w["seed"], w["val_fraction"]))
         except Skip as e:
             skipped.append(f"line {n + 1}: {e}")
-    for size in {ex[1].size for ex in examples}:  # codec calls of up to --batch_size images of one size
-        idx = [j for j, ex in enumerate(examples) if ex[1].size == size]
+    for size in {ex[3].size for ex in examples}:  # codec calls of up to --batch_size images of one size
+        idx = [j for j, ex in enumerate(examples) if ex[3].size == size]
         for batch in (idx[a:a + w["batch_size"]] for a in range(0, len(idx), w["batch_size"])):
-            x = torch.stack([pil_to_tensor(examples[j][1]) for j in batch]).to(w["device"])  # (B, 3, H, W)
+            x = torch.stack([pil_to_tensor(examples[j][3]) for j in batch]).to(w["device"])  # (B, 3, H, W)
             codes.update(zip(batch, w["codec"].encode(x).cpu()))
-    made = [S.make_example(w["tokenizer"], w["layout"], ex[0], codes[j], drop_text=ex[2])
-            for j, ex in enumerate(examples)]
-    info = [(SPLITS.index(ex[3]), KINDS.index(ex[4]), *ex[1].size) for ex in examples]  # split, kind, w, h
-    np.savez(buf := io.BytesIO(), ids=np.concatenate([i for i, _ in made] + [np.zeros(0, np.int32)]),
-             mask=np.concatenate([m for _, m in made] + [np.zeros(0, np.uint8)]), skipped=np.array(json.dumps(skipped)),
-             lengths=np.array([len(i) for i, _ in made], np.int64), info=np.array(info, np.int64).reshape(-1, 4))
-    atomic_write(Path(w["parts"]) / PART.format(k), lambda path: path.write_bytes(buf.getvalue()))
+    made = [(split, bucket, *S.make_example(w["tokenizer"], w["layout"], text, codes[j], drop_text=drop))
+            for j, (split, bucket, text, _, drop) in enumerate(examples)]
+    part = pickle.dumps((made, skipped))  # our own file, read back by assemble
+    atomic_write(Path(w["parts"]) / PART.format(k), lambda path: path.write_bytes(part))
     return len(lines), skipped
 
 
 def run_chunks(tasks, cfg, workers, device):
     """Yield (lines, skipped) per chunk as chunks finish: here if workers == 1, else in `workers` processes,
     a GPU each in turn for "cuda"; a dying worker stops the run (BrokenProcessPool): rerun to resume."""
-    gpus = torch.cuda.device_count() if device == "cuda" else 0
-    devices = [f"cuda:{i % gpus}" for i in range(workers)] if gpus else [device] * workers
     if workers <= 1:
-        init_worker(cfg, devices[0])
+        init_worker(cfg, device)
         yield from map(process_chunk, tasks)
         return
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
     queue = ctx.Queue()
-    for d in devices:
-        queue.put(d)
+    for i in range(workers):
+        queue.put(f"cuda:{i % gpus}" if gpus else device)
     threads = max(1, (os.cpu_count() or 1) // workers)  # CPU workers share the cores, not oversubscribe
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(cfg, queue, threads))
     try:
@@ -180,21 +168,19 @@ def run_chunks(tasks, cfg, workers, device):
 
 
 def assemble(out, parts, n_chunks):
-    """The parts in chunk order -> shards; returns ({split: (examples, tokens)}, per-bucket summary, skips)."""
-    counts, buckets, skipped = {s: [0, 0] for s in SPLITS}, {}, []  # examples, tokens
-    writers = {split: ShardWriter(out, split) for split in SPLITS}
+    """The parts in chunk order -> shards; returns the meta.json counts, per-bucket summary and skips."""
+    writers, examples, tokens, skipped = {split: ShardWriter(out, split) for split in SPLITS}, Counter(), Counter(), []
     for k in range(n_chunks):
-        with np.load(parts / PART.format(k)) as part:
-            p = {name: part[name] for name in part.files}
-        ends = np.cumsum(p["lengths"])
-        for a, b, (s, kind, w, h) in zip(ends - p["lengths"], ends, p["info"]):
-            writers[SPLITS[s]].add(p["ids"][a:b], p["mask"][a:b])
-            for tally in (counts[SPLITS[s]], buckets.setdefault(f"{KINDS[kind]} {w}x{h}", [0, 0])):
-                tally[0], tally[1] = tally[0] + 1, tally[1] + int(b - a)
-        skipped += json.loads(str(p["skipped"]))
+        made, skips = pickle.loads((parts / PART.format(k)).read_bytes())
+        for split, bucket, ids, mask in made:
+            writers[split].add(ids, mask)
+            examples[bucket], tokens[bucket] = examples[bucket] + 1, tokens[bucket] + len(ids)
+        skipped += skips
     for writer in writers.values():
         writer.close()
-    return counts, {key: {"examples": n, "tokens": t} for key, (n, t) in sorted(buckets.items())}, skipped
+    counts = {split: len(w.offsets) - 1 for split, w in writers.items()}  # examples
+    counts.update(tokens={split: w.offsets[-1] for split, w in writers.items()}, skipped=len(skipped))
+    return counts, {key: {"examples": examples[key], "tokens": tokens[key]} for key in sorted(examples)}, skipped
 
 
 def layout_and_buckets(tok_path, codec, target_size):
@@ -218,15 +204,15 @@ def layout_and_buckets(tok_path, codec, target_size):
 
 def main(argv=None):
     args = SimpleNamespace(**configure(sys.argv[1:] if argv is None else argv, SETTINGS, __doc__))
-    for what, path in ((k, getattr(args, k)) for k in ("manifest", "codec", "tokenizer", "out_dir")):
-        if not path or (what != "out_dir" and not Path(path).exists()):
-            raise SystemExit(f"no {what} at {path!r}: pass --{what}=PATH (see --help)")
-    out, manifest, C = Path(args.out_dir), Path(args.manifest), args.chunk_size
+    for what in ("manifest", "codec", "tokenizer", "out_dir"):
+        if not getattr(args, what) or (what != "out_dir" and not Path(getattr(args, what)).exists()):
+            raise SystemExit(f"no {what} at {getattr(args, what)!r}: pass --{what}=PATH (see --help)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device={args.device} but CUDA is not available here; use --device=cpu")
-    out.mkdir(parents=True, exist_ok=True)
+    out, manifest, C = Path(args.out_dir), Path(args.manifest), args.chunk_size
     tok_path, meta_path, parts = out / "tokenizer.json", out / "meta.json", out / "parts"
     stamp = parts / "settings.json"  # the settings the parts were made with
+    out.mkdir(parents=True, exist_ok=True)
     if Path(args.tokenizer).resolve() != tok_path.resolve():
         shutil.copyfile(args.tokenizer, tok_path)
     settings = {k: getattr(args, k) for k in ("target_size", "val_fraction", "seed", "chunk_size")}
@@ -246,24 +232,22 @@ def main(argv=None):
     tasks = [(k, k * C, lines[k * C:(k + 1) * C]) for k in range(n_chunks) if not (parts / PART.format(k)).exists()]
     if done := len(lines) - sum(len(t[2]) for t in tasks):
         print(f"resuming: {n_chunks - len(tasks)} of {n_chunks} parts already done")
-    cfg = dict(codec=str(args.codec), tokenizer=str(tok_path), layout=layout.to_dict(), sizes=sizes, parts=str(parts),
-               folder=str(manifest.parent), seed=args.seed, val_fraction=args.val_fraction, batch_size=args.batch_size)
+    cfg = dict(vars(args), layout=layout.to_dict(), sizes=sizes, parts=str(parts), folder=str(manifest.parent))
     with tqdm(total=len(lines), initial=done, desc="examples", unit="ex", smoothing=0.1) as progress:
         for n_lines, skipped in run_chunks(tasks, cfg, args.workers, args.device):
             progress.update(n_lines)
             for message in skipped:
                 progress.write(f"skipped {message}")
     counts, buckets, skipped = assemble(out, parts, n_chunks)
-    examples, tokens = ({split: c[i] for split, c in counts.items()} for i in (0, 1))
     atomic_write(out / "skipped.txt", lambda path: path.write_bytes("".join(f"{m}\n" for m in skipped).encode()))
     meta = {"vocab_size": layout.vocab_size, "layout": layout.to_dict(), "tokenizer": "tokenizer.json",
-            "codec": str(args.codec), "counts": dict(examples, tokens=tokens, skipped=len(skipped)),
-            "buckets": buckets, "target_size": args.target_size, "settings": settings}
+            "codec": str(args.codec), "counts": counts, "buckets": buckets, "target_size": args.target_size,
+            "settings": settings}
     atomic_write(meta_path, lambda path: path.write_bytes(json.dumps(meta, indent=1).encode()))  # last: finished
     shutil.rmtree(parts)
-    print(f"train {examples['train']}, val {examples['val']}, {len(skipped)} skipped (skipped.txt) -> {out}"
+    print(f"train {counts['train']}, val {counts['val']}, {len(skipped)} skipped (skipped.txt) -> {out}"
           + "".join(f"\n{key:>16} {b['examples']:>9} {b['tokens']:>13,}" for key, b in buckets.items()))
-    if examples["val"] == 0:
+    if counts["val"] == 0:
         print("note: the val split is empty and train.py evaluates on it; raise --val_fraction")
 
 

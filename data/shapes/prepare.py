@@ -3,19 +3,19 @@ Build the shapes world's token shards: T2I examples of the six categories and du
 the five task families, encoded by a trained codec and laid out as the official pre-tokenizer does
 (docs/tokens.md §3-§7, docs/shapes.md). Into --out_dir: tokenizer.json (trained on the prompts if
 absent), {train,val} shards (data/shards.py), the held-out eval set eval_prompts.jsonl + eval_refs/
-(docs/shapes.md §5) and meta.json, last. Not a codec or tokenizer trainer, nor the trainer (train.py).
+(docs/shapes.md §5, §6) and meta.json, last. Example i comes from its own seed (seed, i); a rerun with
+the same settings, codec and tokenizer does nothing. Not a codec or tokenizer trainer, nor train.py.
 
   python -m data.shapes.prepare --codec=out/vq_shapes --n=60000 --out_dir=data/shapes
-Example i comes from its own seed (seed, i): a run is deterministic, and a rerun with the same
-settings, codec and tokenizer finds meta.json up to date and does nothing (--force redoes it).
 """
-import argparse
 import hashlib
 import json
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -23,33 +23,42 @@ from tqdm import tqdm
 import sequence as S
 import shapes as W
 from checkpoint import atomic_write
+from configurator import configure
 from data.shards import ShardWriter
 from vq import MoVQGAN, pil_to_tensor
 
+KINDS = W.CATEGORIES + W.TASK_FAMILIES
 # 60% T2I, 40% tasks: the paper gives no multi-task proportions; these keep T2I, the headline, first.
 DEFAULT_MIX = ",".join([f"{c}=0.1" for c in W.CATEGORIES] + [f"{t}=0.08" for t in W.TASK_FAMILIES])
 UNSIZED_T2I = 0.1  # official pre_tokenize: 10% of T2I prompts omit "of {w}x{h}" (docs/tokens.md §5)
 TOKENIZER_SAMPLE = 5000  # examples whose prompts train the tokenizer; the prompt language is small
+SETTINGS = dict(  # --key=value; --help lists them
+    codec="",  # required: our codec folder (train_vq.py) or an official MoVQGAN checkpoint
+    tokenizer="",  # tokenizer.json to use; default: out_dir/tokenizer.json, trained if absent
+    n=60000, val_fraction=0.02, out_dir="data/shapes", seed=0,  # n: examples in all, train + val
+    size=W.PANEL, vocab_size=1024,  # panel side in pixels (a multiple of 32); a new tokenizer's text vocabulary
+    mix=DEFAULT_MIX, eval_per_task=16,  # kind=weight,... over the categories and task families; eval pairs a task
+    batch_size=64,  # images per codec call
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    force=False)  # rebuild even if meta.json says the shards are current
 
 
 def parse_mix(text):
-    mix = {}
-    for kind, _, weight in (part.partition("=") for part in text.split(",")):
-        if kind not in W.CATEGORIES + W.TASK_FAMILIES:
-            raise SystemExit(f"--mix: unknown kind {kind!r}; use {', '.join(W.CATEGORIES + W.TASK_FAMILIES)}")
-        mix[kind] = float(weight)
-    return mix
+    pairs = [part.partition("=")[::2] for part in text.split(",")]
+    if unknown := [kind for kind, _ in pairs if kind not in KINDS]:
+        raise SystemExit(f"--mix: unknown kind {unknown[0]!r}; use {', '.join(KINDS)}")
+    return {kind: float(weight) for kind, weight in pairs}
 
 
-def example(i, seed, mix, size, held_out=W.HeldOut()):
+def example(i, seed, mix, size):
     """Example i: (prompt text, PIL image: one panel for T2I, upper over lower for tasks, drop_text)."""
     rng = random.Random(f"{seed}-{i}")
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     if kind in W.CATEGORIES:
-        image, spec = W.make_t2i(rng, kind, held_out, size)
+        image, spec = W.make_t2i(rng, kind, size=size)
         text = S.t2i_prompt(spec["prompt"], *(() if rng.random() < UNSIZED_T2I else (size, size)))
     else:
-        upper, lower, spec = W.make_task(rng, kind, held_out, size)
+        upper, lower, spec = W.make_task(rng, kind, size=size)
         image = S.stack_panels(upper, lower)
         text = S.task_prompt(kind, spec["prompt"], size, 2 * size, subject=spec.get("subject"),
                              dense_map=spec.get("dense_map"))
@@ -69,8 +78,7 @@ def fingerprint(path):
 def write_shards(out, args, mix, tokenizer, layout, codec):
     """Examples 0..n-1 encoded a batch at a time (one codec call per panel size); the last
     val_fraction of them form the val split. -> (examples, tokens) per split."""
-    n_val, tokens = max(1, round(args.n * args.val_fraction)), {"train": 0, "val": 0}
-    writers = {split: ShardWriter(out, split) for split in tokens}
+    n_val, writers = max(1, round(args.n * args.val_fraction)), {s: ShardWriter(out, s) for s in ("train", "val")}
     for start in tqdm(range(0, args.n, args.batch_size), desc="batches"):
         batch = [example(i, args.seed, mix, args.size) for i in range(start, min(start + args.batch_size, args.n))]
         codes = {}
@@ -80,54 +88,20 @@ def write_shards(out, args, mix, tokenizer, layout, codec):
             codes.update(zip(idx, codec.encode(x).cpu()))
         for k, (text, _, drop) in enumerate(batch):
             split = "val" if start + k >= args.n - n_val else "train"
-            ids, mask = S.make_example(tokenizer, layout, text, codes[k], drop_text=drop)
-            writers[split].add(ids, mask)
-            tokens[split] += len(ids)
+            writers[split].add(*S.make_example(tokenizer, layout, text, codes[k], drop_text=drop))
     for w in writers.values():
         w.close()
-    return {"train": args.n - n_val, "val": n_val}, tokens
-
-
-def write_eval_set(out_dir, size, per_task):
-    """Held-out prompts only (docs/shapes.md §6): T2I specs plus task specs whose upper panels are PNGs."""
-    (out_dir / "eval_refs").mkdir(exist_ok=True)
-    specs = W.eval_t2i_specs()
-    for k, (upper, _, spec) in enumerate(W.eval_task_pairs(per_task, size=size)):
-        specs.append(dict(spec, ref=f"eval_refs/{spec['task']}_{k:03d}.png"))  # relative to the JSONL
-        upper.save(out_dir / specs[-1]["ref"])
-    W.write_prompt_set(out_dir / "eval_prompts.jsonl", specs)
-    return len(specs)
-
-
-def arguments(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--codec", required=True, help="our codec folder (train_vq.py) or an official MoVQGAN checkpoint")
-    p.add_argument("--n", type=int, default=60000, help="examples in all, train + val")
-    p.add_argument("--out_dir", default="data/shapes")
-    p.add_argument("--tokenizer", help="tokenizer.json to use; default: out_dir/tokenizer.json, trained if absent")
-    p.add_argument("--vocab_size", type=int, default=1024, help="text vocabulary of a newly trained tokenizer")
-    p.add_argument("--size", type=int, default=W.PANEL, help="panel side in pixels (a multiple of 32)")
-    p.add_argument("--val_fraction", type=float, default=0.02)
-    p.add_argument("--mix", default=DEFAULT_MIX, help="kind=weight,... over the T2I categories and task families")
-    p.add_argument("--eval_per_task", type=int, default=16, help="eval pairs per task family")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=64, help="images per codec call")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--force", action="store_true", help="rebuild even if meta.json says the shards are current")
-    return p.parse_args(argv)
+    return {s: len(w.offsets) - 1 for s, w in writers.items()}, {s: w.offsets[-1] for s, w in writers.items()}
 
 
 def main(argv=None):
-    args = arguments(argv)
+    args = SimpleNamespace(**configure(sys.argv[1:] if argv is None else argv, SETTINGS, __doc__))
     out, mix = Path(args.out_dir), parse_mix(args.mix)
-    if not Path(args.codec).exists():
-        raise SystemExit(f"no codec at {args.codec}: train one with `python train_vq.py "
-                         f"--out_dir={args.codec}` or pass --codec=PATH")
+    if not args.codec or not Path(args.codec).exists():
+        raise SystemExit(f"no codec at {args.codec!r}: train one with `python train_vq.py "
+                         f"--out_dir={args.codec or 'out/vq_shapes'}` or pass --codec=PATH")
     if args.tokenizer and not Path(args.tokenizer).exists():
         raise SystemExit(f"no tokenizer at {args.tokenizer}: leave out --tokenizer to train one into {out}")
-    settings = {k: getattr(args, k) for k in ("n", "size", "val_fraction", "mix", "seed", "eval_per_task")}
-    settings["codec_sha256"] = fingerprint(args.codec)
     out.mkdir(parents=True, exist_ok=True)
     tok_path = out / "tokenizer.json"  # given, or already next to the shards, or trained on this run's prompts
     if args.tokenizer and Path(args.tokenizer).resolve() != tok_path.resolve():
@@ -135,24 +109,30 @@ def main(argv=None):
     if not tok_path.exists():
         texts = [example(i, args.seed, mix, args.size)[0] for i in tqdm(range(min(args.n, TOKENIZER_SAMPLE)))]
         S.train_tokenizer(texts + [s["prompt"] for s in W.eval_t2i_specs()], str(tok_path), args.vocab_size)
-    settings["tokenizer_sha256"] = fingerprint(tok_path)
+    settings = {k: getattr(args, k) for k in ("n", "size", "val_fraction", "mix", "seed", "eval_per_task")}
+    settings.update(codec_sha256=fingerprint(args.codec), tokenizer_sha256=fingerprint(tok_path))
     meta_path = out / "meta.json"
     if meta_path.exists() and not args.force and json.loads(meta_path.read_text()).get("settings") == settings:
-        print(f"{out}: shards are up to date with these settings (use --force to rebuild)")
-        return
+        return print(f"{out}: shards are up to date with these settings (use --force to rebuild)")
 
     tokenizer, codec = S.Tokenizer.from_file(str(tok_path)), MoVQGAN.from_pretrained(args.codec).to(args.device)
     layout = S.TokenLayout.ours(tokenizer, codec.config.n_embed)
     meta_path.unlink(missing_ok=True)  # from here on the folder is not a finished build
     t0 = time.time()
     counts, tokens = write_shards(out, args, mix, tokenizer, layout, codec)
-    elapsed, n_eval = time.time() - t0, write_eval_set(out, args.size, args.eval_per_task)
+    elapsed = time.time() - t0
+    (out / "eval_refs").mkdir(exist_ok=True)  # the eval set's task rows: their upper panels
+    specs = W.eval_t2i_specs()
+    for k, (upper, _, spec) in enumerate(W.eval_task_pairs(args.eval_per_task, size=args.size)):
+        specs.append(dict(spec, ref=f"eval_refs/{spec['task']}_{k:03d}.png"))  # relative to the JSONL
+        upper.save(out / specs[-1]["ref"])
+    W.write_prompt_set(out / "eval_prompts.jsonl", specs)
     meta = {"vocab_size": layout.vocab_size, "layout": layout.to_dict(), "tokenizer": "tokenizer.json",
-            "codec": str(args.codec), "counts": dict(counts, tokens=tokens, eval_prompts=n_eval),
+            "codec": str(args.codec), "counts": dict(counts, tokens=tokens, eval_prompts=len(specs)),
             "panel": args.size, "settings": settings}
     atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))  # last: the build is whole
     print(f"{args.n} examples in {elapsed:.0f}s ({args.n / elapsed:.0f}/s): train {tokens['train']:,} tokens, "
-          f"val {tokens['val']:,} tokens, vocab {layout.vocab_size}, {n_eval} eval prompts -> {out}")
+          f"val {tokens['val']:,} tokens, vocab {layout.vocab_size}, {len(specs)} eval prompts -> {out}")
 
 
 if __name__ == "__main__":
