@@ -32,6 +32,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 OFFICIAL_SAMPLING = {"cfg": 4.0, "top_k": 4096, "temperature": 1.0}  # docs/sampling.md §1
 OFFICIAL_SIZE, OUR_SIZE = 768, 64  # pixels: default image side of a release / of our checkpoints
 CACHE_MULTIPLE = 8  # tokens: gpt-fast rounds its static cache length up to a multiple of 8
+SMALL_MODEL = 100e6  # parameters: below this one CPU thread decodes faster than several (README, Sampling)
 
 
 @dataclass
@@ -84,16 +85,18 @@ def add_system_args(parser, ckpt=str(ASSETS), dtype="float32"):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quant", choices=["int4"], help="int4 weight-only linears (quant.py)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: 1 for a small model on CPU)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def load_system_from_args(args):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    return load_system(args.ckpt, args.vq, args.device, dtype, args.quant, args.vq_config)
+    system = load_system(args.ckpt, args.vq, args.device, dtype, args.quant, args.vq_config)
+    small = args.device == "cpu" and system.model.num_params() < SMALL_MODEL  # threads wait on each other (README)
+    torch.set_num_threads(args.threads or (1 if small else torch.get_num_threads()))
+    return system
 
 
 # ---- the one sampling function (docs/sampling.md §2-3); sjd.draw draws from its probs ----

@@ -61,10 +61,12 @@ log_interval = 10
 checkpoint_interval = 200
 keep_checkpoints = 2
 max_bad_steps = 5            # consecutive non-finite steps before stopping
+max_minutes = 0.0            # wall clock of the loop: stop with a checkpoint after this long; 0: no limit
 parallel = "ddp"             # "ddp" | "fsdp"
 activation_checkpointing = False
 device = "auto"              # "auto" | "cpu" | "cuda"
 compile = False
+threads = 0                  # torch CPU threads; 0: torch's default
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 globals().update(configure(sys.argv[1:], {k: globals()[k] for k in config_keys}, __doc__))
@@ -86,6 +88,8 @@ if ddp:
         torch.cuda.set_device(device)
 master = rank == 0
 device_type = "cuda" if "cuda" in device else "cpu"
+if threads:
+    torch.set_num_threads(threads)
 # bf16 autocast on GPU; fp32 on CPU, which has no fast bf16 (docs/performance.md §4)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 torch.backends.cuda.matmul.allow_tf32 = device_type == "cuda"
@@ -201,6 +205,10 @@ def save_checkpoint():
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save(tmp, "model", model_state, model.config)
     torch.save({"optimizer": optim_state, "iter_num": iter_num, "config": config}, tmp / "train_state.pt")
+    codec = Path(json.loads((Path(data_dir) / "meta.json").read_text()).get("codec") or "-")  # our codec folder
+    for f in (Path(data_dir) / "tokenizer.json", codec / "vq.json", codec / "vq.safetensors"):
+        if f.is_file():  # the data's tokenizer and codec: `python sample.py --ckpt <folder>` needs no copying
+            shutil.copy2(f, tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in finished_checkpoints(out)[:-keep_checkpoints]:
@@ -220,7 +228,7 @@ def estimate_val_loss():
 
 # -----------------------------------------------------------------------------
 # the loop. SIGTERM/SIGINT finish the current step, save and exit (a pre-empted job resumes exactly).
-stop_requested = []  # the signals received
+stop_requested = []  # the signals received, or "max_minutes"
 for stop_signal in (signal.SIGTERM, signal.SIGINT):
     signal.signal(stop_signal, lambda signum, frame: stop_requested.append(signum))
 model.train()
@@ -257,6 +265,8 @@ while iter_num < max_iters and not stop_requested:
             raise SystemExit(f"stopping: {bad_steps} consecutive non-finite steps; lower learning_rate and resume")
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
+    if max_minutes and time.time() - t_start > 60 * max_minutes:  # per process: single-process runs only
+        stop_requested.append("max_minutes")  # ends the loop with a checkpoint, as SIGTERM does
     if iter_num % log_interval == 0:
         tok_s = tokens_since / (time.time() - t_last)
         eta = (time.time() - t_start) / (iter_num - start_iter) * (max_iters - iter_num)

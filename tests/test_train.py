@@ -163,3 +163,17 @@ def test_bad_settings_are_rejected():
         with pytest.raises(SystemExit) as stop:
             train([bad])
         assert isinstance(stop.value.code, str) and message in stop.value.code
+
+
+def test_checkpoint_samples_with_no_copying(tmp_path, tiny_ckpt):
+    """A train.py checkpoint carries the data's tokenizer and codec: sample.py --ckpt on it writes an image."""
+    from sample import main as sample
+    from sequence import Tokenizer
+    data = tmp_path / "data"
+    vocab = Tokenizer.from_file(tiny_ckpt).vocab_size + 64  # + the tiny codec's 64 codes
+    write_data(data, vocab=vocab)
+    (data / "tokenizer.json").write_bytes((tiny_ckpt / "tokenizer.json").read_bytes())
+    (data / "meta.json").write_text(json.dumps({"vocab_size": vocab, "codec": str(tiny_ckpt)}))
+    train([str(REPO / "config/train_shapes.py")] + common(data, tmp_path / "out", max_iters=2))
+    sample(["--ckpt", str(tmp_path / "out" / "ckpt-00000002"), "--prompt", "a red circle", "--out", str(tmp_path)])
+    assert (tmp_path / "a_red_circle_t2i_s0_0.png").is_file()

@@ -44,6 +44,7 @@ SETTINGS = dict(  # --key=value; --help lists them
     target_size=768,      # bucket area target_size^2 px: 256/512/768 for stages 1/2/3 (official default 768)
     val_fraction=0.01, seed=0,
     workers=1, batch_size=16,  # processes (1: this one); images per codec call
+    threads=0,            # torch CPU threads per process; 0: the cores shared among the workers
     chunk_size=256,       # manifest lines per part file: the unit of resume
     device="cuda" if torch.cuda.is_available() else "cpu",  # "cuda": each worker a GPU in turn; "cuda:1": all on one
     force=False)          # rebuild even if meta.json says the shards are current
@@ -146,11 +147,11 @@ def process_chunk(task):
     return len(lines), skipped
 
 
-def run_chunks(tasks, cfg, workers, device):
+def run_chunks(tasks, cfg, workers, device, threads):
     """Yield (lines, skipped) per chunk as chunks finish: here if workers == 1, else in `workers` processes,
     a GPU each in turn for "cuda"; a dying worker stops the run (BrokenProcessPool): rerun to resume."""
     if workers <= 1:
-        init_worker(cfg, device)
+        init_worker(cfg, device, threads)
         yield from map(process_chunk, tasks)
         return
     gpus = torch.cuda.device_count() if device == "cuda" else 0
@@ -158,7 +159,7 @@ def run_chunks(tasks, cfg, workers, device):
     queue = ctx.Queue()
     for i in range(workers):
         queue.put(f"cuda:{i % gpus}" if gpus else device)
-    threads = max(1, (os.cpu_count() or 1) // workers)  # CPU workers share the cores, not oversubscribe
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)  # CPU workers share the cores, not oversubscribe
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(cfg, queue, threads))
     try:
         for done in as_completed([pool.submit(process_chunk, t) for t in tasks]):
@@ -234,7 +235,7 @@ def main(argv=None):
         print(f"resuming: {n_chunks - len(tasks)} of {n_chunks} parts already done")
     cfg = dict(vars(args), layout=layout.to_dict(), sizes=sizes, parts=str(parts), folder=str(manifest.parent))
     with tqdm(total=len(lines), initial=done, desc="examples", unit="ex", smoothing=0.1) as progress:
-        for n_lines, skipped in run_chunks(tasks, cfg, args.workers, args.device):
+        for n_lines, skipped in run_chunks(tasks, cfg, args.workers, args.device, args.threads):
             progress.update(n_lines)
             for message in skipped:
                 progress.write(f"skipped {message}")

@@ -38,7 +38,7 @@ SETTINGS = dict(  # --key=value; --help lists them
     n=60000, val_fraction=0.02, out_dir="data/shapes", seed=0,  # n: examples in all, train + val
     size=W.PANEL, vocab_size=1024,  # panel side in pixels (a multiple of 32); a new tokenizer's text vocabulary
     mix=DEFAULT_MIX, eval_per_task=16,  # kind=weight,... over the categories and task families; eval pairs a task
-    batch_size=64,  # images per codec call
+    batch_size=64, threads=0,  # images per codec call; torch CPU threads (0: torch's default)
     device="cuda" if torch.cuda.is_available() else "cpu",
     force=False)  # rebuild even if meta.json says the shards are current
 
@@ -97,6 +97,7 @@ def write_shards(out, args, mix, tokenizer, layout, codec):
 def main(argv=None):
     args = SimpleNamespace(**configure(sys.argv[1:] if argv is None else argv, SETTINGS, __doc__))
     out, mix = Path(args.out_dir), parse_mix(args.mix)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     if not args.codec or not Path(args.codec).exists():
         raise SystemExit(f"no codec at {args.codec!r}: train one with `python train_vq.py "
                          f"--out_dir={args.codec or 'out/vq_shapes'}` or pass --codec=PATH")
