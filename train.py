@@ -112,7 +112,8 @@ def load_split(split):
 
 
 train_data, val_data = load_split("train"), load_split("val")
-data_vocab = json.loads((Path(data_dir) / "meta.json").read_text())["vocab_size"]
+data_meta = json.loads((Path(data_dir) / "meta.json").read_text())
+data_vocab = data_meta["vocab_size"]
 
 
 def get_batch(data, step, micro_step, stream):
@@ -205,7 +206,7 @@ def save_checkpoint():
     shutil.rmtree(tmp, ignore_errors=True)
     checkpoint.save(tmp, "model", model_state, model.config)
     torch.save({"optimizer": optim_state, "iter_num": iter_num, "config": config}, tmp / "train_state.pt")
-    codec = Path(json.loads((Path(data_dir) / "meta.json").read_text()).get("codec") or "-")  # our codec folder
+    codec = Path(data_meta.get("codec") or "-")  # our codec folder, if the data names one
     for f in (Path(data_dir) / "tokenizer.json", codec / "vq.json", codec / "vq.safetensors"):
         if f.is_file():  # the data's tokenizer and codec: `python sample.py --ckpt <folder>` needs no copying
             shutil.copy2(f, tmp)
