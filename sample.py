@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from best_of import add_best_of_args, make_scorer, pick_best, think
+from checkpoint import read_config
 from model import Transformer
 from sequence import (TASKS, Tokenizer, TokenLayout, i2i_prefix_ids, ids_to_codes, image_body_plan,
                       image_header_ids, prompt_ids, split_panels, task_prompt, unconditional_ids)
@@ -57,7 +58,7 @@ def load_system(ckpt=ASSETS, vq=None, device="cpu", dtype=torch.float32, quant=N
             raise FileNotFoundError(f"an official checkpoint needs --vq <path to movqgan_270M.ckpt> (got {vq})")
         model = Transformer.from_pretrained(ckpt, device=device, dtype=dtype)
         if vq_config and Path(vq_config).is_file():
-            vq_config = VQConfig(**json.loads(Path(vq_config).read_text()))
+            vq_config = read_config(vq_config, VQConfig)  # strict: an unknown key is an error
         codec = MoVQGAN.from_pretrained(vq, config=vq_config)
         layout, size = TokenLayout.official(tokenizer), OFFICIAL_SIZE
         if layout.image_code_offset + layout.codebook_size > model.config.vocab_size:
