@@ -63,27 +63,48 @@ def edit_spec(reference, instruction):
                      f"blue' of an object the reference shows once ({len(objs)} objects detected)")
 
 
-def make_scorer(verifier, task, prompt, reference=None):
-    """-> score(image), taken on the image or on a task's lower panel. verifier: 'shapes' or
-    'module:function' taking (image, prompt); reference: the upper panel, for an edit."""
-    lower = (lambda im: im) if task == "t2i" else (lambda im: split_panels(im)[1])
+def verify_chain(strip, prompts):
+    """Score of a multi-round edit's strip (the reference panel, then each round's lower panel): the mean over
+    rounds of round k's lower panel verified against edit k applied to the panel before it, so 1.0 means every
+    edit was applied and nothing else changed; a round whose edit cannot be read on its input scores 0."""
+    width = strip.width // (len(prompts) + 1)
+    panels = [strip.crop((k * width, 0, (k + 1) * width, strip.height)) for k in range(len(prompts) + 1)]
+    scores = []
+    for before, after, prompt in zip(panels, panels[1:], prompts):
+        try:
+            scores.append(verify.verify(after, edit_spec(before, prompt)))
+        except ValueError:  # the previous round lost the object this edit names
+            scores.append(0.0)
+    return sum(scores) / len(scores)
+
+
+def make_scorer(verifier, task, prompt, reference=None, pair_map=None):
+    """-> score(image), taken on the image or on a task's lower panel. verifier: 'shapes' or 'module:function'
+    taking (image, prompt); reference: the upper panel, for an edit; prompt a list: a multi-round edit, scored on
+    its strip (verify_chain); pair_map: an image pair's lower map, scored on both panels (docs/sampling.md §4)."""
+    whole = task == "t2i" or pair_map or isinstance(prompt, list)
+    lower = (lambda im: im) if whole else (lambda im: split_panels(im)[1])
+    if verifier == "shapes" and isinstance(prompt, list):
+        edit_spec(reference, prompt[0])  # the first round is checkable now; later ones on the model's own output
+        return lambda strip: verify_chain(strip, prompt)
     if verifier == "shapes":
         spec = edit_spec(reference, prompt) if task == "edit" else verify.parse_prompt(prompt)
+        spec = dict(spec, pair_map=pair_map) if pair_map else spec
         return lambda image: verify.verify(lower(image), spec)
     module, _, name = verifier.partition(":")
     try:
         function = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot load verifier {verifier!r} ({e}); expected 'module:function'") from None
-    return lambda image: float(function(lower(image), prompt))
+    return lambda image: float(function(lower(image), "; ".join(prompt) if isinstance(prompt, list) else prompt))
 
 
 def pick_best(images, score):
-    """The image with the best score (the first on a tie), saying which it was."""
+    """The index of the image with the best score (the first on a tie), saying which it was."""
     scores = [score(image) for image in images]
     best = max(range(len(images)), key=scores.__getitem__)
     print(f"best of {len(images)}: sample {best} (scores {', '.join(f'{s:.2f}' for s in scores)})")
-    return images[best]
+    return best
 
 
 def think(prompt, url, timeout=30.0):

@@ -11,6 +11,7 @@ What it is not: a tokenizer (sequence.py), a sampler (sample.py) or a trainer (t
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import checkpoint
 QK_NORM_EPS = 1e-5  # the official q/k LayerNorm's eps (docs/architecture.md §4)
 INIT_STD = 0.02     # HF initializer_range, the official from-scratch init (docs/architecture.md §3)
 HF_DEFAULT_CONTEXT = 4096  # HF Chameleon's max_position_embeddings when config.json omits it
+LEGACY_IMAGE_PREFIX = "IMGIMG"  # vocabulary_map names mask_image_logits masks: Chameleon's image ids
 UNUSED_VQ_PREFIX = "model.vqmodel."  # an unused Chameleon VQ some releases carry (docs/checkpoints.md §2)
 # our config field -> the official config.json name; HF_FIXED: what every official config.json says
 HF_NAMES = dict(vocab_size="vocab_size", dim="hidden_size", intermediate_size="intermediate_size",
@@ -46,6 +48,7 @@ class ModelConfig:
     qk_norm_groups: int = 1           # official `model_parallel_size`: rows of the q/k-norm affine
     swin_norm: bool = False           # Chameleon-34B-style norm after each sub-block
     dropout: float = 0.0              # residual dropout (official finetune uses 0.05)
+    masked_token_ids: tuple = ()      # logits forced to -inf: official mask_image_logits (docs/architecture.md §2)
 
     @property
     def head_dim(self):
@@ -65,7 +68,10 @@ class ModelConfig:
         if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
             raise ValueError("config.json describes a different architecture (needs silu, no attention/mlp bias)")
         values = {ours: d[hf] for ours, hf in HF_NAMES.items() if d.get(hf) is not None}
-        return cls(**{"n_kv_head": d["num_attention_heads"], "max_seq_len": HF_DEFAULT_CONTEXT, **values})
+        values.setdefault("max_seq_len", HF_DEFAULT_CONTEXT)
+        masked = [i for name, i in (d.get("vocabulary_map") or {}).items() if name.startswith(LEGACY_IMAGE_PREFIX)]
+        return cls(**{"n_kv_head": d["num_attention_heads"], **values},
+                   masked_token_ids=tuple(sorted(masked)) if d.get("mask_image_logits", True) else ())
 
     def to_hf_config(self):
         return {**HF_FIXED, **{hf: getattr(self, ours) for ours, hf in HF_NAMES.items()}}
@@ -118,10 +124,10 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos, k, v):  # k, v (B, n_kv, T, hd); returns the whole (B, n_kv, S, hd)
+    def update(self, input_pos, k, v, kv_len):  # k, v (B, n_kv, T, hd) -> entries 0..kv_len-1 (B, n_kv, kv_len, hd)
         self.k_cache[:len(k), :, input_pos] = k
         self.v_cache[:len(v), :, input_pos] = v
-        return self.k_cache[:len(k)], self.v_cache[:len(v)]
+        return self.k_cache[:len(k), :, :kv_len], self.v_cache[:len(v), :, :kv_len]
 
 
 class Attention(nn.Module):
@@ -144,7 +150,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # q/k-norm before RoPE, as official
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+            k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1])  # (B, n_kv, S', hd): what the mask covers
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_head != self.n_head)  # GQA: K/V heads shared
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -214,24 +220,44 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
+    def head_rows(self, start, stop):
+        """lm_head's rows start..stop-1 alone, as a function of `hidden`'s output: a view of the weight or, when the
+        blocks are int4 (quant.py), an int4 copy made once, kept as a plain attribute outside state_dict."""
+        rows = self.lm_head.weight[start:stop]
+        int4 = next((m for m in self.layers.modules() if hasattr(m, "scales_and_zeros")), None)  # quant.Int4Linear
+        if int4 is None:
+            return partial(F.linear, weight=rows)
+        if getattr(self, "int4_head_rows", (None,))[0] != (start, stop):
+            linear = nn.utils.skip_init(nn.Linear, rows.shape[1], rows.shape[0], bias=False, device=rows.device,
+                                        dtype=rows.dtype)
+            linear.weight.data.copy_(rows)
+            self.int4_head_rows = (start, stop), type(int4).from_linear(linear, int4.group_size)
+        return self.int4_head_rows[1]
+
     def forward(self, idx, input_pos=None, key_mask=None):
-        """idx (B, T) -> fp32 logits (B, T, vocab). With caches: input_pos (T,), and optionally key_mask
-        (B, S) bool, the cache entries each row may see at all (CFG's left pad, docs/sampling.md §3)."""
+        """idx (B, T) -> fp32 logits (B, T, vocab); the arguments as for `hidden`."""
+        return self.lm_head(self.hidden(idx, input_pos, key_mask)).float()
+
+    def hidden(self, idx, input_pos=None, key_mask=None):
+        """idx (B, T) -> the final norm's output (B, T, dim): forward without lm_head, so a sampler can apply a
+        narrower head or none (docs/performance.md §5). With caches: input_pos (T,), and optionally key_mask
+        (B, S') bool, the cache entries each row may see at all (CFG's left pad, docs/sampling.md §3):
+        attention reads entries 0..S'-1 only, so a key_mask as wide as the filled prefix reads no empty cache."""
         cache = self.layers[0].self_attn.kv_cache
         if (input_pos is None) != (cache is None):
             raise RuntimeError("pass input_pos exactly when caches are set up (model.setup_caches)")
         pos = torch.arange(idx.shape[1], device=idx.device) if input_pos is None else input_pos  # (T,)
         cos, sin, mask = self.rope_cos[pos], self.rope_sin[pos], None  # mask None: causal, no cache
         if input_pos is not None:
-            keys = torch.arange(cache.k_cache.shape[2], device=idx.device)  # (S,): the cache positions
-            mask = keys <= input_pos[:, None]  # (T, S): key s visible iff s <= pos
+            keys = torch.arange(cache.k_cache.shape[2] if key_mask is None else key_mask.shape[1], device=idx.device)
+            mask = keys <= input_pos[:, None]  # (T, S'): key s visible iff s <= pos
             if key_mask is not None:  # every token still sees itself, so hidden pads never go NaN
-                mask = mask[None] & (key_mask[:, None, :] | (keys == input_pos[:, None])[None])  # (B, T, S)
-            mask = mask.unsqueeze(-3)  # (B or 1, 1, T, S)
+                mask = mask[None] & (key_mask[:, None, :] | (keys == input_pos[:, None])[None])  # (B, T, S')
+            mask = mask.unsqueeze(-3)  # (B or 1, 1, T, S')
         x = self.embed_tokens(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        return self.lm_head(self.norm(x)).float()
+        return self.norm(x)
 
     # ---- checkpoints: ours and the official HF layout (docs/checkpoints.md) ----
     def save_pretrained(self, folder):
@@ -259,6 +285,9 @@ class Transformer(nn.Module):
         params = {file_key(name): p for name, p in model.named_parameters()}
         checkpoint.load_into(params, files, f"checkpoint {files[0].parent}", ignore)
         model.reset_rope()
+        if config.masked_token_ids:  # official forward: these logits to -inf (docs/architecture.md §2)
+            masked = torch.tensor(config.masked_token_ids, device=device)
+            model.lm_head.register_forward_hook(lambda _, __, logits: logits.index_fill(-1, masked, float("-inf")))
         return model.eval()
 
 

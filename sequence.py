@@ -1,6 +1,7 @@
 """Token sequences of Lumina-mGPT 2.0 (docs/tokens.md): the token layout (every special id of the project lives
 in `TokenLayout`), the tokenizer, Uni-Rep image blocks, task templates, the unconditional CFG context, training
 examples with loss masks, dual panels. Not a model, sampler or codec; it imports nothing from the project."""
+import json
 import os
 from dataclasses import asdict, dataclass, replace
 
@@ -27,16 +28,18 @@ def size_token(n):  # the string of the size token meaning n grids of 32 px, e.g
 
 
 class Tokenizer:
-    """A thin wrapper over HF `tokenizers`: the official tokenizer.json or ours (train_tokenizer)."""
-    def __init__(self, hf_tokenizer):
-        self.hf = hf_tokenizer
+    """A thin wrapper over HF `tokenizers`: the official tokenizer.json or ours (train_tokenizer); `bos` is
+    the string used as BOS, read from a tokenizer_config.json beside the file as the official code does."""
+    def __init__(self, hf_tokenizer, bos=BOS):
+        self.hf, self.bos = hf_tokenizer, bos
 
     @classmethod
     def from_file(cls, path):
         path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path  # a file or a checkpoint folder
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}; data/shapes/prepare.py trains one, releases ship one")
-        return cls(HFTokenizer.from_file(path))
+        config = os.path.join(os.path.dirname(path), "tokenizer_config.json")  # a release's; ours have none
+        return cls(HFTokenizer.from_file(path), bos_from_config(config))
 
     def encode(self, text):
         return self.hf.encode(text, add_special_tokens=False).ids  # BOS is added by hand (docs/tokens.md §1)
@@ -44,6 +47,20 @@ class Tokenizer:
     @property
     def vocab_size(self):  # size of the id space (max id + 1): official added ids need not be dense
         return max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def bos_from_config(path):
+    """Official: BOS is the tokenizer's bos_token, or its eos_token when there is none (Qwen's case,
+    docs/tokens.md §1). Our checkpoints carry no tokenizer_config.json: sequence.BOS."""
+    if not os.path.isfile(path):
+        return BOS
+    with open(path) as f:
+        config = json.load(f)
+    token = config.get("bos_token") or config.get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token  # an AddedToken is saved as a dict
+    if not token:
+        raise ValueError(f"{path} names neither a bos_token nor an eos_token; the official code uses one as BOS")
+    return token
 
 
 def train_tokenizer(texts, path, vocab_size=1024):
@@ -79,9 +96,10 @@ class TokenLayout:
     @classmethod
     def ours(cls, tokenizer, codebook_size):
         """Our reduced-scale layout: ids of the special strings, image codes right after the vocabulary."""
-        if missing := [s for s in [*SPECIAL_STRINGS.values(), size_token(1)] if tokenizer.hf.token_to_id(s) is None]:
+        strings = dict(SPECIAL_STRINGS, bos_id=tokenizer.bos)  # BOS: as its config says (docs/tokens.md §1)
+        if missing := [s for s in [*strings.values(), size_token(1)] if tokenizer.hf.token_to_id(s) is None]:
             raise ValueError(f"tokenizer lacks {missing}: it must carry the special strings of sequence.py")
-        ids = {field: tokenizer.hf.token_to_id(s) for field, s in SPECIAL_STRINGS.items()}
+        ids = {field: tokenizer.hf.token_to_id(s) for field, s in strings.items()}
         sizes = [tokenizer.hf.token_to_id(size_token(n)) for n in range(1, MAX_GRIDS + 1)] + [None]
         return cls(**ids, image_code_offset=tokenizer.vocab_size, codebook_size=codebook_size,
                    size_token_ids=sizes[:sizes.index(None)])
@@ -151,9 +169,10 @@ def ids_to_codes(ids, layout):
 
 
 # ---- prompts: official strings verbatim; the others say where they come from (docs/tokens.md §4, §5) ----
-TASKS = ("t2i", "edge", "depth", "subject", "edit", "dense")
+TASKS = ("t2i", "edge", "depth", "subject", "edit", "dense", "mirror")
 # the map each dual-panel task names; dense's default is ours (the official list: depth, canny, hed, pose)
 DENSE_MAPS = {"edge": "canny edge map", "depth": "depth map", "dense": "segmentation map"}
+PAIR_TASKS = tuple(DENSE_MAPS)  # without a reference these draw an image pair from text (docs/tokens.md §5)
 _PAIR = ("Generate a dual-panel image of {w}x{h} where the <{target} half> displays a <{x}>, while the "
          "<{kept} half> retains the original image for direct visual comparison:\n{prompt}")
 CFG_DROP_PROB = 0.1  # official: a training example drops its text this often, for CFG (docs/tokens.md §7)
@@ -163,6 +182,18 @@ def t2i_prompt(prompt, width=None, height=None):
     """Official T2I template; without a size it is the 10% size-free training variant."""
     size = "" if width is None else f" of {width}x{height}"
     return f"Generate an image{size} according to the following prompt:\n{prompt}"
+
+
+def pair_prompt(task, prompt, width, height, dense_map=DENSE_MAPS["dense"]):
+    """Official image-pair template (no reference): the scene above, its map below, both from the text."""
+    return _PAIR.format(w=width, h=height, target="lower", x=pair_map(task, dense_map), kept="upper", prompt=prompt)
+
+
+def pair_map(task, dense_map=DENSE_MAPS["dense"]):
+    """The map an image pair's lower panel shows: the task's own, or dense's chosen one."""
+    if task not in PAIR_TASKS:
+        raise ValueError(f"task {task!r} has no image-pair mode; without --ref use one of {', '.join(PAIR_TASKS)}")
+    return dense_map if task == "dense" else DENSE_MAPS[task]
 
 
 def task_prompt(task, prompt, width, height, subject=None, dense_map=DENSE_MAPS["dense"]):
@@ -181,6 +212,9 @@ def task_prompt(task, prompt, width, height, subject=None, dense_map=DENSE_MAPS[
     if task == "edit":  # ours, in the official style: the paper's editing wording is not in the code
         return (f"Generate a dual-panel image of {width}x{height} where the <upper half> displays the original "
                 f"image, while the <lower half> shows it after the following edit instruction:\n{prompt}")
+    if task == "mirror":  # ours: a new task for LoRA fine-tuning, outside the default mix (docs/lora.md §5)
+        return (f"Generate a dual-panel image of {width}x{height} where the <upper half> displays the original "
+                f"image, while the <lower half> shows it mirrored from left to right:\n{prompt}")
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 

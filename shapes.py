@@ -14,12 +14,15 @@ Not the judge (verify.py), a tokenizer (sequence.py) or a codec (vq.py).
 import json
 import math
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-from sequence import DENSE_MAPS  # the map names task prompts use (docs/tokens.md §5)
+from sequence import DENSE_MAPS, PAIR_TASKS, pair_map  # the map names task prompts use (docs/tokens.md §5)
 
 # -----------------------------------------------------------------------------
 # The world's vocabulary (docs/shapes.md §1, §2)
@@ -29,6 +32,8 @@ RELATIONS = ("left of", "right of", "above", "below")
 HALVES = ("left", "right", "top", "bottom")  # of a canvas, where an edit moves an object
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TASK_FAMILIES = ("edge", "depth", "subject", "edit", "dense")
+EXTRA_TASKS = ("mirror",)  # never in the default mix: a new task to fine-tune on (docs/lora.md §5)
+PAIR_CHAIN_FAMILIES = ("pair", "edit_2rounds", "edit_3rounds")  # eval only: image pairs, multi-round edits
 # Eight object colours, pairwise >= ~100 apart in RGB so a codec's colour drift cannot flip them.
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (245, 225, 20),
           "purple": (140, 50, 180), "orange": (245, 125, 15), "black": (20, 20, 20), "gray": (128, 128, 128)}
@@ -176,6 +181,7 @@ def render_subject(scene):  # the subject-driven condition: the first object alo
 
 
 DENSE_RENDER = {DENSE_MAPS["dense"]: render_segmentation, DENSE_MAPS["edge"]: render_edges}  # by dense_map
+MAP_RENDER = {**DENSE_RENDER, DENSE_MAPS["depth"]: render_depth}  # an image pair's lower panel, by its pair_map
 
 
 def shape_mask(shape, width, height):
@@ -378,8 +384,8 @@ def _edit(rng, scene, held_out):
 
 def make_task(rng, task, held_out=HeldOut(), size=PANEL):
     """(upper, lower, spec) of one task pair; spec's prompt, subject, dense_map feed sequence.task_prompt."""
-    if task not in TASK_FAMILIES:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASK_FAMILIES}")
+    if task not in TASK_FAMILIES + EXTRA_TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASK_FAMILIES + EXTRA_TASKS}")
     spec = {"category": task, "task": task, "width": size, "height": size, "relation": None}
     if task == "subject":
         inner = sample_spec(rng, rng.choice(("single_object", "two_object", "position", "color_attr")), held_out)
@@ -400,8 +406,40 @@ def make_task(rng, task, held_out=HeldOut(), size=PANEL):
         dense_map = DENSE_MAPS["dense"] if rng.random() < SEGMENTATION_SHARE else DENSE_MAPS["edge"]
         spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene.objects), dense_map=dense_map)
         return render(scene), DENSE_RENDER[dense_map](scene), spec
+    if task == "mirror":  # the scene flipped left to right; every shape is its own mirror image
+        new = replace(scene, objects=tuple(replace(o, x=size - o.x - o.size) for o in scene.objects))
+        spec.update(prompt=scene_caption(scene, rng), target=target_rows(new.objects), background=scene.background)
+        return render(scene), render(new), spec
     spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene.objects))
     return (render_edges if task == "edge" else render_depth)(scene), render(scene), spec
+
+
+def make_pair(rng, task, held_out=HeldOut(), size=PANEL):
+    """(upper, lower, spec) of an image pair drawn from text alone: the scene above, its map (spec's pair_map)
+    below, the official image-pair layout (docs/shapes.md §3). Eval only: no training example shows one."""
+    scene = random_scene(rng, size, size, held_out=held_out)
+    counts = Counter((o.shape, o.color) for o in scene.objects)
+    spec = {"category": "pair", "task": task, "width": size, "height": size, "relation": None,
+            "prompt": scene_caption(scene, rng), "pair_map": pair_map(task), "target": target_rows(scene.objects),
+            "background": scene.background, "objects": [spec_object(*o, n) for o, n in counts.items()]}
+    return render(scene), MAP_RENDER[spec["pair_map"]](scene), spec
+
+
+def make_edit_chain(rng, rounds, held_out=HeldOut(), size=PANEL):
+    """(reference, spec) of a multi-round edit: `rounds` edits in a row, each of the previous one's result;
+    spec["prompts"] holds the instructions and spec["rounds"] each result (target rows, background)."""
+    while True:
+        scene = random_scene(rng, size, size, held_out=held_out)
+        current, prompts, results = scene, [], []
+        while len(prompts) < rounds and (edited := _edit(rng, current, held_out)) is not None \
+                and held_out.allows_scene(edited[0].objects):
+            current, text, _ = edited
+            prompts.append(text)
+            results.append({"target": target_rows(current.objects), "background": current.background})
+        if len(prompts) == rounds:
+            return render(scene), {"category": f"edit_{rounds}rounds", "task": "edit", "width": size, "height": size,
+                                   "relation": None, "prompt": "; ".join(prompts), "prompts": prompts,
+                                   "rounds": results}
 
 # -----------------------------------------------------------------------------
 # Prompt sets (JSONL, one spec a line, docs/shapes.md §5) and the held-out eval set (§6)
@@ -417,33 +455,92 @@ def read_prompt_set(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def eval_t2i_specs(held_out=HeldOut()):
-    """The T2I eval prompts in canonical wording: held-out compositions, and each shape alone once."""
-    specs = [t2i_spec("single_object", [spec_object(s)]) for s in SHAPES]
-    specs += [t2i_spec("colors", [spec_object(s, c)]) for s, c in held_out.color_pairs]
+EVAL_PER_CATEGORY = 30  # prompts per T2I category and per task family: a 95% interval of about +-0.05 at 4 draws
+
+
+def _held_out_compositions(held_out):
+    """Per T2I category, the canonical specs of its held-out compositions (single_object: each shape alone,
+    since a lone shape cannot be held out)."""
+    rng, out = random.Random(1234), {c: [] for c in CATEGORIES}  # rng: colours of colour-attribution pairs
+    out["single_object"] = [t2i_spec("single_object", [spec_object(s)]) for s in SHAPES]
+    out["colors"] = [t2i_spec("colors", [spec_object(s, c)]) for s, c in held_out.color_pairs]
     for cat, a, b in held_out.combos:
         if cat == "counting":
-            specs.append(t2i_spec(cat, [spec_object(a, count=b)]))
+            out[cat].append(t2i_spec(cat, [spec_object(a, count=b)]))
         elif cat in ("two_object", "position"):
-            specs += [t2i_spec(cat, [spec_object(p), spec_object(q)], r) for p, q in ((a, b), (b, a))
-                      for r in (RELATIONS if cat == "position" else (None,))]
-    rng = random.Random(1234)  # colours for the colour-attribution pairs; any fixed choice will do
-    specs += [t2i_spec(cat, _color_pair(rng, a, b, held_out)) for cat, a, b in held_out.combos if cat == "color_attr"]
-    for s, c in held_out.color_pairs:  # each held-out (shape, colour) beside another shape
-        other = rng.choice([x for x in SHAPES if x != s])
-        specs.append(t2i_spec("color_attr", _color_pair(rng, s, other, held_out, c)))
+            out[cat] += [t2i_spec(cat, [spec_object(p), spec_object(q)], r) for p, q in ((a, b), (b, a))
+                         for r in (RELATIONS if cat == "position" else (None,))]
+        else:  # color_attr: the pair in a few colourings, then each held-out (shape, colour) beside another shape
+            out[cat] += [t2i_spec(cat, _color_pair(rng, p, q, held_out)) for p, q in ((a, b), (b, a)) * 3]
+    for s, c in held_out.color_pairs:
+        out["color_attr"] += [t2i_spec("color_attr", _color_pair(rng, s, o, held_out, c)) for o in SHAPES if o != s]
+    return out
+
+
+def eval_t2i_specs(held_out=HeldOut(), per_category=EVAL_PER_CATEGORY, seed=1234):
+    """The T2I eval prompts: held-out compositions only, per_category rows a category. A category with fewer
+    compositions than rows asks for each again in other training wordings (prefix, connector, digits), taken
+    round-robin, so every composition weighs the same (docs/shapes.md §6)."""
+    rng, specs = random.Random(seed), []
+    for category, compositions in _held_out_compositions(held_out).items():
+        wordings = [sorted({describe(s, random.Random(k)) for k in range(200)} - {s["prompt"]}) for s in compositions]
+        for words in wordings:
+            rng.shuffle(words)
+        rows = [dict(s, prompt=(words.pop() if k >= len(compositions) and words else s["prompt"]))
+                for k, (s, words) in enumerate(zip(compositions * per_category, wordings * per_category))]
+        specs += list({s["prompt"]: s for s in rows}.values())[:per_category]  # a repeated wording once
     return specs
 
 
-def eval_task_pairs(n_per_task, held_out=HeldOut(), size=PANEL, seed=10_000):
+def eval_task_pairs(n_per_task, held_out=HeldOut(), size=PANEL, seed=10_000, tasks=TASK_FAMILIES):
     """(upper, lower, spec) eval pairs; every scene shows at least one held-out (shape, colour) pair."""
     rng, out = random.Random(seed), []
-    for task in TASK_FAMILIES:
+    for task in tasks:
         while sum(s["task"] == task for *_, s in out) < n_per_task:
             upper, lower, spec = make_task(rng, task, NO_HELD_OUT, size)
             if any((t["shape"], t["color"]) in held_out.color_pairs for t in spec.get("target", spec.get("objects"))):
                 out.append((upper, lower, spec))
     return out
+
+def write_eval_set(folder, per_task=EVAL_PER_CATEGORY, size=PANEL, tasks=TASK_FAMILIES):
+    """folder/eval_prompts.jsonl (T2I rows, then task rows) + eval_refs/<task>_<k>.png, the task rows' upper
+    panels, named relative to the JSONL; returns the rows. The set eval.py reads (assets/ ships one)."""
+    folder = Path(folder)
+    (folder / "eval_refs").mkdir(parents=True, exist_ok=True)
+    specs = eval_t2i_specs()
+    for k, (upper, _, spec) in enumerate(eval_task_pairs(per_task, size=size, tasks=tasks)):
+        specs.append(dict(spec, ref=f"eval_refs/{spec['task']}_{k:03d}.png"))
+        upper.save(folder / specs[-1]["ref"])
+    write_prompt_set(folder / "eval_prompts.jsonl", specs)
+    return specs
+
+def eval_pairs_and_chains(n, held_out=HeldOut(), size=PANEL, seed=20_000):
+    """(reference or None, spec) rows: n image pairs (edge, depth, dense in turn), then n 2-round and n 3-round
+    edit chains; as in eval_task_pairs, every one shows a held-out (shape, colour) pair somewhere."""
+    rng, out = random.Random(seed), []
+    held = lambda rows: any((t["shape"], t["color"]) in held_out.color_pairs for t in rows)  # noqa: E731
+    while len(out) < n:
+        _, _, spec = make_pair(rng, PAIR_TASKS[len(out) % len(PAIR_TASKS)], NO_HELD_OUT, size)
+        out += [(None, spec)] if held(spec["target"]) else []
+    for rounds in (2, 3):
+        while sum(s["category"] == f"edit_{rounds}rounds" for _, s in out) < n:
+            ref, spec = make_edit_chain(rng, rounds, NO_HELD_OUT, size)
+            out += [(ref, spec)] if any(held(r["target"]) for r in spec["rounds"]) else []
+    return out
+
+
+def write_pair_chain_set(folder, n=EVAL_PER_CATEGORY, size=PANEL):
+    """folder/pair_chain_prompts.jsonl + eval_refs/edit_<r>rounds_<k>.png (the chains' references): the image-pair
+    and multi-round rows eval.py scores with --prompts (assets/ ships one); returns the rows."""
+    folder, specs = Path(folder), []
+    (folder / "eval_refs").mkdir(parents=True, exist_ok=True)
+    for k, (ref, spec) in enumerate(eval_pairs_and_chains(n, size=size)):
+        if ref is not None:
+            spec = dict(spec, ref=f"eval_refs/{spec['category']}_{k:03d}.png")
+            ref.save(folder / spec["ref"])
+        specs.append(spec)
+    write_prompt_set(folder / "pair_chain_prompts.jsonl", specs)
+    return specs
 
 # -----------------------------------------------------------------------------
 # Codec training images (docs/codec.md §5): every kind of panel the transformer will ever see.
@@ -452,12 +549,12 @@ def eval_task_pairs(n_per_task, held_out=HeldOut(), size=PANEL, seed=10_000):
 CODEC_KINDS = ("scene", "scene", "scene", "sky", "edges", "depth", "segmentation", "subject")
 
 
-def codec_training_images(n, size=PANEL, seed=0):
+def codec_training_images(n, size=PANEL, seed=0, progress=False):
     """Deterministic uint8 [n, size, size, 3] mix of scenes and task panels for codec training."""
     rng, out = random.Random(seed), np.empty((n, size, size, 3), np.uint8)
     draw = {"edges": render_edges, "depth": render_depth, "segmentation": render_segmentation,
             "subject": render_subject}
-    for i in range(n):
+    for i in tqdm(range(n), desc=f"rendering {n} codec images", disable=not progress, leave=False):
         kind = CODEC_KINDS[i % len(CODEC_KINDS)]
         scene = random_scene(rng, size, size, background="sky" if kind == "sky" else "white")
         out[i] = np.asarray(draw.get(kind, render)(scene))

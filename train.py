@@ -8,12 +8,12 @@ What it is not: a data preparer, a codec trainer (train_vq.py) or a sampler (sam
 Run:
   python train.py config/train_shapes.py                      # one process, CPU or one GPU
   python train.py config/train_shapes.py --batch_size=8       # any setting as --key=value; --help lists them
+  python train.py config/finetune_lora_shapes.py              # LoRA adapters on a frozen model (docs/lora.md)
   torchrun --standalone --nproc_per_node=8 train.py config/train_7b_stage1.py      # one node
   torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 \\
       train.py config/train_7b_stage1.py                                            # multi-node
 Distributed means plain DDP, or FSDP2 (`parallel="fsdp"`) for 2B/7B (docs/training.md §3).
 """
-import json
 import os
 import shutil
 import signal
@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils.rnn import pad_sequence
 
 import checkpoint
-from configurator import configure
+import lora
+from configurator import check_device, check_out_dir, check_ranges, configure, excepthook, warn
 from data.shards import load_shards
 from model import Block, ModelConfig, Transformer, compute_loss, estimate_mfu, lr_schedule
 
@@ -64,6 +65,11 @@ max_bad_steps = 5            # consecutive non-finite steps before stopping
 max_minutes = 0.0            # wall clock of the loop: stop with a checkpoint after this long; 0: no limit
 parallel = "ddp"             # "ddp" | "fsdp"
 activation_checkpointing = False
+lora_rank = 0                # > 0: train LoRA adapters alone on the frozen init_from model (lora.py, docs/lora.md)
+lora_alpha = 32.0            # the adapters' update is scaled by lora_alpha / lora_rank
+lora_targets = lora.ALL_TARGETS  # comma-separated layer names that get adapters
+lora_dropout = 0.0
+lora_base_dtype = "float32"  # frozen base: "float32" | "bfloat16" | "int4" (QLoRA-style; with activation_checkpointing)
 device = "auto"              # "auto" | "cpu" | "cuda"
 compile = False
 threads = 0                  # torch CPU threads; 0: torch's default
@@ -73,6 +79,31 @@ globals().update(configure(sys.argv[1:], {k: globals()[k] for k in config_keys},
 config = {k: globals()[k] for k in config_keys}
 TRAIN_STREAM, VAL_STREAM = 0, 1  # seeds of the two batch streams
 DROPOUT_SEED_STRIDE = 7919       # seed + stride * step + rank differs for every (step, rank) below 7919 ranks
+
+# -----------------------------------------------------------------------------
+# bad settings stop here, before any work, as one line without a traceback (docs/checkpoints.md §4)
+sys.excepthook = excepthook
+check_ranges(config, positive=("batch_size", "length_buckets", "gradient_accumulation_steps", "eval_interval",
+                                "eval_iters", "log_interval", "checkpoint_interval", "keep_checkpoints",
+                                "max_bad_steps", "learning_rate", "grad_clip"),
+             non_negative=("max_seq_len", "max_iters", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
+                           "z_loss_weight", "max_minutes", "threads", "seed"), fraction=("dropout", "beta1", "beta2"))
+if parallel not in ("ddp", "fsdp"):
+    raise ValueError(f"parallel={parallel!r}: expected 'ddp' or 'fsdp'")
+if device != "auto":
+    check_device(device)
+check_out_dir(out_dir)
+if init_from not in ("scratch", "resume") and not Path(init_from).is_dir():
+    raise FileNotFoundError(f"init_from={init_from}: no such checkpoint folder; or use 'scratch' or 'resume'")
+if not (Path(data_dir) / "meta.json").is_file():
+    raise FileNotFoundError(f"data_dir={data_dir} holds no meta.json; prepare the data first (data/shapes/prepare.py)")
+for problem, applies in ((f"warmup_iters={warmup_iters} > max_iters={max_iters}: the peak LR is never reached",
+                          warmup_iters > max_iters),
+                         (f"min_lr={min_lr} > learning_rate={learning_rate}", min_lr > learning_rate),
+                         ("parallel='fsdp' without torchrun: one process, nothing sharded",
+                          parallel == "fsdp" and "RANK" not in os.environ)):
+    if applies:
+        warn(problem)
 
 # -----------------------------------------------------------------------------
 # distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is world size 1
@@ -93,8 +124,7 @@ if threads:
 # bf16 autocast on GPU; fp32 on CPU, which has no fast bf16 (docs/performance.md §4)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
 torch.backends.cuda.matmul.allow_tf32 = device_type == "cuda"
-out = Path(out_dir)
-out.mkdir(parents=True, exist_ok=True)
+out = Path(out_dir)  # checkpoint.save creates it with the first checkpoint
 
 
 def log(*args):
@@ -106,13 +136,16 @@ def log(*args):
 # data: variable-length sequences right-padded per batch (positions start at 0, as at inference; pads
 # carry loss mask 0), each batch from one of `length_buckets` groups of similar length (docs/training.md §1)
 def load_split(split):
-    ids, mask, offsets = load_shards(data_dir, split)
+    ids, mask, offsets = load_shards(data_dir, split, data_meta)
+    if len(offsets) < 2:
+        raise ValueError(f"the {split} split of {data_dir} holds no examples; prepare more data (raise --n)")
     order = np.argsort(np.diff(offsets), kind="stable")
     return ids, mask, offsets, np.array_split(order, min(length_buckets, len(order)))
 
 
-train_data, val_data = load_split("train"), load_split("val")
-data_meta = json.loads((Path(data_dir) / "meta.json").read_text())
+data_meta = checkpoint.read_json(Path(data_dir) / "meta.json")
+if not isinstance(data_meta, dict) or type(data_meta.get("vocab_size")) is not int or data_meta["vocab_size"] < 1:
+    raise ValueError(f"{data_dir}/meta.json has no vocab_size; prepare the data again")
 data_vocab = data_meta["vocab_size"]
 
 
@@ -143,7 +176,9 @@ if init_from == "resume":
         raise SystemExit(f"init_from=resume but {out} holds no checkpoint; start with init_from=scratch")
     ckpt_dir = finished_checkpoints(out)[-1]
     log(f"resuming from {ckpt_dir}")
-    model = Transformer.load(ckpt_dir)
+    if (ckpt_dir / "lora.json").is_file() != bool(lora_rank):
+        raise SystemExit(f"{ckpt_dir} was{'' if lora_rank else ' not'} trained with LoRA: resume with its lora_rank")
+    model = lora.load_base(lora.read_config(ckpt_dir).base) if lora_rank else Transformer.load(ckpt_dir)
     try:
         train_state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
@@ -154,9 +189,7 @@ elif init_from == "scratch":
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.from_name(model_name, vocab_size=data_vocab, dropout=dropout))
 else:  # start a stage from the previous stage's weights (paper §4: 256 -> 512 -> 768 px)
-    folder = Path(init_from)
-    model = Transformer.from_pretrained(folder, dtype=torch.float32) if (folder / "config.json").exists() \
-        else Transformer.load(folder)
+    model = lora.load_base(init_from)  # ours or an official release
     model.config.dropout = dropout
 if model.config.vocab_size < data_vocab:
     raise SystemExit(f"model vocab {model.config.vocab_size} < data vocab {data_vocab}: wrong data_dir for this model")
@@ -165,9 +198,23 @@ if max_seq_len and max_seq_len != model.config.max_seq_len:
     model.reset_rope()
 for block in model.layers:
     block.dropout.p = dropout
+lora_config = None
+if lora_rank:  # freeze the base, train low-rank adapters alone (docs/lora.md §2)
+    if init_from == "scratch":
+        raise SystemExit("lora_rank needs a base to adapt: set init_from to a checkpoint folder")
+    torch.manual_seed(seed)
+    if train_state is None:
+        lora_config = lora.LoRAConfig(init_from, lora_rank, lora_alpha, lora_targets, lora_dropout)
+        lora.add_lora(model, lora_config, lora_base_dtype)
+    else:
+        lora_config = lora.read_config(ckpt_dir)
+        lora.attach(model, ckpt_dir, lora_base_dtype)
 model.to(device)
 n_params = model.num_params()
 log(f"model: {n_params / 1e6:.2f}M parameters, {model.config}")
+if lora_rank:
+    log(f"LoRA: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, {lora_config}")
+train_data, val_data = load_split("train"), load_split("val")  # after the checkpoint: a bad one fails first
 
 if activation_checkpointing:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
@@ -186,8 +233,9 @@ if compile:
 
 # -----------------------------------------------------------------------------
 # optimizer: decay matrices and embeddings, not norms (nanoGPT's split)
-decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
-no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # with LoRA: the adapters
+decay = [p for n, p in trainable if p.dim() >= 2 and "norm" not in n]
+no_decay = [p for n, p in trainable if not (p.dim() >= 2 and "norm" not in n)]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
@@ -199,17 +247,21 @@ if train_state is not None:  # full (unsharded) tensors, for DDP and FSDP alike
 def save_checkpoint():
     """Weights + optimizer + step + config into ckpt-<step>.tmp, renamed when whole (docs/checkpoints.md §3)."""
     model_state, optim_state = get_state_dict(model, optimizer,  # full tensors on CPU, DDP and FSDP alike
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                       ignore_frozen_params=bool(lora_rank)))
     if not master:
         return
     final, tmp = out / f"ckpt-{iter_num:08d}", out / f"ckpt-{iter_num:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    checkpoint.save(tmp, "model", model_state, model.config)
+    if lora_rank:  # the adapters alone, lora.json naming the base (docs/lora.md §3)
+        lora.save_adapters(tmp, model_state, lora_config)
+    else:
+        checkpoint.save(tmp, "model", model_state, model.config)
     torch.save({"optimizer": optim_state, "iter_num": iter_num, "config": config}, tmp / "train_state.pt")
     codec = Path(data_meta.get("codec") or "-")  # our codec folder, if the data names one
     for f in (Path(data_dir) / "tokenizer.json", codec / "vq.json", codec / "vq.safetensors"):
-        if f.is_file():  # the data's tokenizer and codec: `python sample.py --ckpt <folder>` needs no copying
-            shutil.copy2(f, tmp)
+        if f.is_file() and not lora_rank:  # the data's tokenizer and codec (adapters use the base's):
+            shutil.copy2(f, tmp)           # `python sample.py --ckpt <folder>` needs no copying
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in finished_checkpoints(out)[:-keep_checkpoints]:

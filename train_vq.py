@@ -14,7 +14,7 @@ import torch
 
 import vq
 from checkpoint import atomic_write
-from configurator import configure
+from configurator import check_out_dir, check_ranges, configure, excepthook, warn
 from model import lr_schedule
 from shapes import codec_training_images
 
@@ -40,13 +40,41 @@ threads = 0                        # torch CPU threads, 0: torch's default (on 2
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 globals().update(configure(sys.argv[1:], {k: globals()[k] for k in config_keys}, __doc__))
 config = {k: globals()[k] for k in config_keys}
+
+# -----------------------------------------------------------------------------
+# bad settings and a missing or damaged checkpoint stop here, before any work, as one line (docs/checkpoints.md §4)
+sys.excepthook = excepthook
+check_ranges(config, positive=("image_size", "n_train", "n_eval", "batch_size", "lr", "grad_clip", "ckpt_every",
+                               "eval_every", "log_every"),
+             non_negative=("max_steps", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_weight",
+                           "restart_every", "threads", "min_lr_frac"))
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
+check_out_dir(out_dir)
+out = Path(out_dir)  # atomic_write creates it
+ckpt = None
+if init_from == "resume":
+    if not (out / "ckpt.pt").is_file():
+        raise FileNotFoundError(f"init_from=resume but {out / 'ckpt.pt'} does not exist; start with init_from=scratch")
+    try:
+        ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+        vq_config = vq.VQConfig(**ckpt["vq_config"])
+        problem = ", ".join(f"no {key!r}" for key in ("model", "optimizer", "hits", "step") if key not in ckpt)
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler or a missing key raises, the file is unusable
+        problem = f"{type(e).__name__}: {str(e)[:100]}"
+    if problem:
+        raise ValueError(f"{out / 'ckpt.pt'} is damaged ({problem}); restore it, or start again with init_from=scratch")
+else:
+    vq_config = vq.VQConfig.from_name(vq_name)  # an unknown preset fails now, not after drawing the data
+if image_size < 32 or image_size % vq_config.downsample:
+    raise ValueError(f"image_size={image_size}: must be >= 32 and a multiple of the codec's {vq_config.downsample} px")
+if warmup_steps > max_steps:
+    warn(f"warmup_steps={warmup_steps} > max_steps={max_steps}: the peak learning rate is never reached")
 
 # -----------------------------------------------------------------------------
 # data: uint8 renders drawn once; step s draws from a generator seeded with (seed, s), so resume is exact
 torch.set_num_threads(threads or torch.get_num_threads())
-train_x, eval_x = (torch.from_numpy(codec_training_images(n, image_size, s)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+train_x, eval_x = (torch.from_numpy(codec_training_images(n, image_size, s, progress=True)).permute(0, 3, 1, 2)  # (N, 3, H, W)
                    for n, s in ((n_train, seed), (n_eval, eval_seed)))
 MOSAICS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (rows, cols) of panels: GroupNorm statistics span the whole image
 STEP_SEED_STRIDE = 1_000_003  # the generator of step s is seeded with seed * STEP_SEED_STRIDE + s
@@ -63,10 +91,8 @@ def get_batch(step):
 
 # -----------------------------------------------------------------------------
 # model and optimizer: from scratch, or everything resume needs from out_dir/ckpt.pt
-out = Path(out_dir)  # atomic_write creates it
-ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True) if init_from == "resume" else None
 torch.manual_seed(seed)
-model = vq.MoVQGAN(vq.VQConfig(**ckpt["vq_config"]) if ckpt else vq.VQConfig.from_name(vq_name))
+model = vq.MoVQGAN(vq_config)
 decay = [p for n, p in model.named_parameters() if p.dim() > 1 and "embedding" not in n]
 no_decay = [p for n, p in model.named_parameters() if not (p.dim() > 1 and "embedding" not in n)]
 optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)],

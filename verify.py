@@ -13,8 +13,8 @@ import re
 import numpy as np
 
 from sequence import DENSE_MAPS
-from shapes import (BACKGROUNDS, COLORS, NUMBERS, RELATION_WORDS, SEG_COLORS, SHAPES, in_half, render_segmentation,
-                    satisfies_relation, shape_mask, spec_object, target_scene)
+from shapes import (BACKGROUNDS, COLORS, DEPTH_LEVELS, NUMBERS, RELATION_WORDS, SEG_COLORS, SHAPES, in_half,
+                    render_depth, render_segmentation, satisfies_relation, shape_mask, spec_object, target_scene)
 
 MIN_CORE = 30        # pixels left after one erosion; the smallest star keeps ~60, a 2 px fringe 0
 MIN_SHAPE_IOU = 0.5  # below this a blob is "unknown", never a shape
@@ -162,27 +162,55 @@ def _checks_target(found, spec):
     return checks + [not free]
 
 
-def _checks_segmentation(image, spec):
-    """mIoU of the predicted class map against the ground-truth one, over classes in either."""
-    want = _segmentation_classes(render_segmentation(target_scene(spec)))
-    got = _segmentation_classes(image)
-    ious = [((want == c) & (got == c)).sum() / ((want == c) | (got == c)).sum()
-            for c in range(1, len(SEG_COLORS) + 1) if ((want == c) | (got == c)).any()]
+def _checks_miou(want, got, min_area=1):
+    """mIoU of a predicted class map (0: background) against the ground-truth one, over the classes in want and
+    those covering min_area pixels in got (a depth map's blurred rims pass through the grays between layers)."""
+    classes = [c for c in np.union1d(np.unique(want), np.unique(got))
+               if c > 0 and ((want == c).any() or (got == c).sum() >= min_area)]
+    ious = [((want == c) & (got == c)).sum() / ((want == c) | (got == c)).sum() for c in classes]
     return [float(np.mean(ious)) >= PASS_IOU] if ious else [True]
+
+
+def _checks_segmentation(image, spec):
+    return _checks_miou(_segmentation_classes(render_segmentation(target_scene(spec))), _segmentation_classes(image))
+
+
+def _depth_classes(image):
+    """Layer per pixel of a depth map: 0 (black, far) or 1 + the index of the nearest DEPTH_LEVELS gray."""
+    levels = np.asarray((0,) + DEPTH_LEVELS, np.float32)
+    return np.abs(np.asarray(image.convert("L"), np.float32)[..., None] - levels).argmin(-1)
+
+
+def _checks_pair(image, spec):
+    """An image pair drawn from text: the upper panel shows the prompt's objects, and the lower one is the
+    spec's map ("pair_map") of the objects detected in the upper one (docs/shapes.md §4)."""
+    half = image.height // 2
+    upper, lower = image.crop((0, 0, image.width, half)), image.crop((0, half, image.width, image.height))
+    found = detect(upper)
+    seen = {"width": image.width, "height": half, "target": [dict(shape=d["shape"], color=d["color"], x=x0, y=y0,
+            size=x1 - x0 + 1) for d in found if d["shape"] != "unknown" for x0, y0, x1, _ in [d["bbox"]]]}
+    checks = _checks_t2i(found, spec) + [len(seen["target"]) == len(found)]  # no shapeless blob above
+    if spec["pair_map"] == DENSE_MAPS["dense"]:
+        return checks + _checks_segmentation(lower, seen)
+    if spec["pair_map"] == DENSE_MAPS["depth"]:
+        return checks + _checks_miou(_depth_classes(render_depth(target_scene(seen))), _depth_classes(lower), MIN_CORE)
+    return checks + _checks_target(detect_outlines(lower), seen)
 
 
 def verify(image, spec):
     """Score in [0, 1] of an image (a task's lower panel, or both panels) against a prompt-set spec."""
     task = spec.get("task", "t2i")
-    if task != "t2i" and image.height == 2 * spec["height"]:
+    if task != "t2i" and "pair_map" not in spec and image.height == 2 * spec["height"]:
         image = image.crop((0, spec["height"], image.width, image.height))
-    if task in ("t2i", "subject"):
+    if "pair_map" in spec:  # an image pair drawn from text: both panels are judged
+        checks = _checks_pair(image, spec)
+    elif task in ("t2i", "subject"):
         checks = _checks_t2i(detect(image), spec)
     elif task == "dense" and spec["dense_map"] == DENSE_MAPS["dense"]:
         checks = _checks_segmentation(image, spec)
     elif task == "dense":
         checks = _checks_target(detect_outlines(image), spec)
-    elif task in ("edge", "depth", "edit"):
+    elif task in ("edge", "depth", "edit", "mirror"):
         checks = _checks_target(detect(image), spec)
         if "background" in spec:
             checks.append(background_of(image) == spec["background"])

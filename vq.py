@@ -43,6 +43,11 @@ class VQConfig:
 
     def __post_init__(self):  # JSON round trips turn tuples into lists
         self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+        sizes = ("ch", "num_res_blocks", "resolution", "z_channels", "embed_dim", "n_embed", "norm_groups")
+        if bad := [name for name in sizes if getattr(self, name) < 1] + ["ch_mult"] * (not self.ch_mult):
+            raise ValueError(f"codec config: {', '.join(bad)} must be >= 1 (or non-empty)")
+        if any(self.ch * m % self.norm_groups for m in self.ch_mult):
+            raise ValueError(f"codec config: norm_groups {self.norm_groups} must divide every width ch * ch_mult")
 
     @property
     def downsample(self):  # pixels per code along each side

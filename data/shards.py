@@ -1,11 +1,11 @@
 """Token shards, the files between data/*/prepare.py and train.py (docs/tokens.md §7). Per split:
 {split}.ids.bin (int32 tokens), {split}.mask.bin (uint8 loss mask), {split}.offsets.npy (int64 [N + 1],
 example k is tokens offsets[k]:offsets[k + 1]); meta.json beside them holds the token layout."""
-import json
 from pathlib import Path
 
 import numpy as np
 
+from checkpoint import read_json
 from sequence import TokenLayout
 
 FILES = {"ids.bin": np.int32, "mask.bin": np.uint8, "offsets.npy": np.int64}  # per split
@@ -29,20 +29,48 @@ class ShardWriter:
             Path(f.name).replace(f.name.removesuffix(".tmp"))
 
 
-def load_shards(folder, split):
-    """(ids int32 [T], mask uint8 [T], offsets int64 [N + 1]) of one split, memory-mapped."""
+def remove_temp_files(folder, pid="*"):
+    """The .tmp files of process `pid` (default: any) in folder and folder/parts: a killed run's leftovers
+    (ShardWriter's, checkpoint.atomic_write's <name>.<pid>.tmp) go when the next run starts."""
+    pattern = "*.tmp" if pid == "*" else f"*.{pid}.tmp"
+    for tmp in [*Path(folder).glob(pattern), *(Path(folder) / "parts").glob(pattern)]:
+        tmp.unlink(missing_ok=True)
+
+
+def load_shards(folder, split, meta=None):
+    """(ids int32 [T], mask uint8 [T], offsets int64 [N + 1]) of one split, memory-mapped; checked against
+    the counts of `meta` (meta.json as a dict) when it has them."""
     paths = [Path(folder) / f"{split}.{name}" for name in FILES]
     if not paths[-1].exists():
         raise FileNotFoundError(f"no {split} shard in {folder}; run data/shapes/prepare.py first")
-    offsets = np.load(paths[-1])
+    try:
+        offsets = np.load(paths[-1])
+    except (ValueError, OSError, EOFError) as e:  # not an .npy file, or a truncated one
+        raise ValueError(f"{paths[-1]} is damaged ({e}); prepare the data again") from None
+    if offsets.dtype != np.int64 or offsets.ndim != 1 or not len(offsets) or offsets[0] or (np.diff(offsets) < 0).any():
+        raise ValueError(f"{paths[-1]} does not hold rising int64 offsets from 0; prepare the data again")
+    if not all(path.exists() for path in paths[:2]):
+        raise FileNotFoundError(f"{folder}/{split} is torn: {paths[0].name} or {paths[1].name} is missing")
     ids, mask = (np.memmap(path, dtype, mode="r") if offsets[-1] else np.zeros(0, dtype)  # none maps no file
                  for path, dtype in zip(paths[:2], FILES.values()))
     if not len(ids) == len(mask) == offsets[-1]:
         raise ValueError(f"{folder}/{split} is torn: offsets end at {offsets[-1]}, {len(ids)} ids, {len(mask)} mask")
+    counts = (meta or {}).get("counts", {})  # examples per split, and tokens per split
+    if counts.get(split, len(offsets) - 1) != len(offsets) - 1 or counts.get("tokens", {}).get(split, len(ids)) != len(ids):
+        raise ValueError(f"{folder}/meta.json does not match the {split} shard ({len(offsets) - 1} examples, "
+                         f"{len(ids)} tokens): they come from two builds; prepare the data again")
     return ids, mask, offsets
 
 
 def read_meta(folder):
-    """(meta.json as a dict, its TokenLayout)."""
-    meta = json.loads((Path(folder) / "meta.json").read_text())
-    return meta, TokenLayout(**meta["layout"])
+    """(meta.json as a dict, its TokenLayout), checked: vocab_size is the layout's."""
+    meta = read_json(Path(folder) / "meta.json")
+    try:
+        layout = TokenLayout(**meta["layout"])
+    except (KeyError, TypeError) as e:  # a missing key, a missing or unknown layout field
+        raise ValueError(f"{folder}/meta.json lacks a token layout ({type(e).__name__}: {e}); "
+                         "prepare the data again") from None
+    if meta.get("vocab_size") != layout.vocab_size:
+        raise ValueError(f"{folder}/meta.json: vocab_size {meta.get('vocab_size')} is not its layout's "
+                         f"{layout.vocab_size}; prepare the data again")
+    return meta, layout

@@ -34,9 +34,10 @@ def official_tokenizer_json():
             "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}
 
 
-def write_fake_release(folder, n_shards=2, seed=0, max_position_embeddings=1024):
+def write_fake_release(folder, n_shards=2, seed=0, max_position_embeddings=10240):
     """Write <folder>/{config.json, model-0000k-of-0000n.safetensors, model.safetensors.index.json,
-    tokenizer.json} and <folder>/movqgan/{movqgan_tiny.ckpt, vq_config.json}; returns the paths."""
+    tokenizer.json, tokenizer_config.json} and <folder>/movqgan/{movqgan_tiny.ckpt, vq_config.json};
+    returns the paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -56,6 +57,8 @@ def write_fake_release(folder, n_shards=2, seed=0, max_position_embeddings=1024)
         weight_map.update({k: name for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "tokenizer.json").write_text(json.dumps(official_tokenizer_json()))
+    # as Qwen2.5's tokenizer_config.json: no BOS, so the official code takes the eos token (docs/tokens.md §1)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": S.BOS}))
     # the codec as released: a plain pickled fp32 state dict with the official key names (docs/codec.md §3)
     vq_config = VQConfig(**{**VQConfig.from_name("tiny").__dict__, "n_embed": 16384})
     codec_dir = folder / "movqgan"

@@ -46,11 +46,12 @@ def check_variants(record, steps):
 def test_bench_decode_reports_every_variant(tmp_path):
     """Run, not compiled (compiling takes ~20 s here): numbers for what runs, a reason for the rest."""
     out = tmp_path / "bench.json"
-    record = bench.main(["--model", "tiny", "--steps", "8", "--group_size", "32",
-                         "--variants", "naive,static,sjd,int4+sjd", "--json", str(out)])
+    record = bench.main(["--model", "tiny", "--steps", "8", "--group_size", "32", "--sjd_window", "4",
+                         "--variants", "naive,static,lean,sjd", "--json", str(out)])
     check_variants(record, 8)
     assert record["variants"]["compile"] == {"skipped": "not in --variants"}
-    assert "int4_path" in record["variants"]["int4+sjd"] or "skipped" in record["variants"]["int4+sjd"]
+    lean, static = record["variants"]["lean"], record["variants"]["static"]
+    assert lean["bytes_per_step"] < static["bytes_per_step"]  # lm_head's code rows and the filled cache only
     assert json.loads(out.read_text())["variants"].keys() == record["variants"].keys()
     assert record["command"].startswith("python bench.py --model tiny")
 
@@ -64,11 +65,33 @@ def test_bench_says_why_a_variant_cannot_run(monkeypatch):
             raise RuntimeError("no SJD here\nsecond line")
         return generate(*args, sjd_window=sjd_window, **kwargs)
     monkeypatch.setattr(bench, "generate", no_sjd)
-    record = bench.main(["--model", "tiny", "--steps", "4", "--variants", "static,sjd,compile+int4,int4+sjd"])
+    record = bench.main(["--model", "tiny", "--steps", "4", "--sjd_window", "4",
+                         "--variants", "static,sjd,compile+int4,compile+int4+sjd"])
     check_variants(record, 4)
     assert record["variants"]["sjd"]["skipped"] == "failed: RuntimeError: no SJD here"  # its first line
     assert "group_size 128" in record["variants"]["compile+int4"]["skipped"]  # width 64: no group of 128
-    assert record["variants"]["int4+sjd"] == record["variants"]["compile+int4"]  # quantized once, for both
+    assert record["variants"]["compile+int4+sjd"] == record["variants"]["compile+int4"]  # quantized once, for both
+
+
+def test_bench_end_to_end_sums_the_step_times(monkeypatch):
+    """--end_to_end: seconds per image = prefill + each position's step at the length serving it (SJD: over
+    the shipped model's step compression), recomputed here from the per-length times; lean reads less."""
+    monkeypatch.setattr(bench, "E2E_REPEATS", 1)
+    windows = []  # loading the shipped model takes ~10 s here: `python bench.py --end_to_end` runs the real one
+    monkeypatch.setattr(bench, "shipped_compression", lambda device, window: windows.append(window) or 1.7)
+    record = bench.main(["--model", "tiny", "--end_to_end", "--sjd_window", "4", "--variants", "static,lean,sjd"])
+    plan_steps, start = record["tokens"] - 1, record["prompt_tokens"]
+    compression = record["shipped_step_compression"]
+    assert compression == 1.7 and windows == [4]
+    for name, width in (("static", 1), ("lean", 1), ("sjd", 4)):
+        r = record["variants"][name]
+        ms = {int(n): t for n, t in r["ms_per_length"].items()}
+        total = sum(ms[min(n for n in ms if n >= p + width)] for p in range(start, start + plan_steps)) / 1e3
+        expected = r["prefill_s"] + total / (compression if width > 1 else 1.0)
+        assert r["seconds_per_image"] == pytest.approx(expected) and r["window"] == width and r["peak_memory_mb"] > 0
+    assert len(record["variants"]["static"]["ms_per_length"]) == 1 < len(record["variants"]["lean"]["ms_per_length"])
+    assert record["variants"]["lean"]["floor_s"] < record["variants"]["static"]["floor_s"]
+    assert record["variants"]["naive"] == {"skipped": "not in --variants"}
 
 
 def test_bench_linear_times_each_layer_shape(monkeypatch):

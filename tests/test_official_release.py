@@ -109,9 +109,81 @@ def test_config_checkpoint_mismatch(release, tmp_path):
         load_system(other, vq, vq_config=vq_config)
 
 
-def test_image_beyond_max_position_embeddings(release, tmp_path):
-    with pytest.raises(ValueError, match="exceed the model's context of 1024 tokens"):
-        run_sample(release, tmp_path, "--width", "512", "--height", "512")
+def variant(release, tmp_path, **replaced):
+    """A copy of the release (symlinks) with some files replaced: {file name with '_' for '.': JSON dict}."""
+    folder, vq, vq_config = release
+    other = tmp_path / "variant"
+    other.mkdir()
+    for f in folder.iterdir():
+        if f.is_file() and f.name.replace(".", "_") not in replaced:
+            (other / f.name).symlink_to(f)
+    for name, content in replaced.items():
+        (other / name.replace("_json", ".json")).write_text(json.dumps(content))
+    return other, vq, vq_config
+
+
+def test_context_shorter_than_a_768_image_keeps_going_with_a_warning(release, tmp_path):
+    """A config.json whose max_position_embeddings (64) is below a 768² image's 9,316 tokens: loading warns and,
+    as the official sampler does (HF max_new_tokens wins over max_length), a 64² image (~100 tokens with its
+    prompt) is still drawn past it; only the official max_gen_len (10240) stops a request."""
+    config = dict(json.loads((release[0] / "config.json").read_text()), max_position_embeddings=64)
+    short = variant(release, tmp_path, config_json=config)
+    with pytest.warns(UserWarning, match="max_position_embeddings 64 is smaller than a 768x768 image"):
+        assert load_system(short[0], short[1], vq_config=short[2]).model.config.max_seq_len == 10240
+    run_sample(short, tmp_path, "--width", "64", "--height", "64")
+    assert Image.open(next(tmp_path.glob("*.png"))).size == (64, 64)
+    with pytest.raises(ValueError, match="exceed the model's context of 10240 tokens"):
+        run_sample(short, tmp_path, "--width", "1024", "--height", "1024")
+
+
+@pytest.mark.parametrize("tokenizer_config, bos", [
+    ({"bos_token": None, "eos_token": "<|endoftext|>"}, 151643),                  # Qwen2.5 base: eos as BOS
+    ({"bos_token": None, "eos_token": {"content": "<|qwen2|>"}}, 151645),           # another eos, saved as AddedToken
+    ({"bos_token": "<|qwen3|>", "eos_token": "<|endoftext|>"}, 151646),             # a bos_token wins
+    (None, 151643),                                                                # no tokenizer_config.json
+])
+def test_bos_is_read_from_the_tokenizer_config(release, tmp_path, tokenizer_config, bos):
+    """BOS is the tokenizer's bos_token, else its eos_token, as the official code reads it: the layout and the
+    first token of every prompt follow tokenizer_config.json."""
+    folder, vq, vq_config = variant(release, tmp_path, tokenizer_config_json=tokenizer_config or {})
+    if tokenizer_config is None:
+        (folder / "tokenizer_config.json").unlink()
+    system = load_system(folder, vq, vq_config=vq_config)
+    assert system.layout.bos_id == bos
+    assert prompt_ids(system.tokenizer, system.layout, "a red star")[0] == bos
+
+
+def test_tokenizer_config_without_bos_or_eos_is_one_line(release, tmp_path):
+    folder, vq, vq_config = variant(release, tmp_path, tokenizer_config_json={"bos_token": None})
+    with pytest.raises(ValueError, match="neither a bos_token nor an eos_token") as e:
+        load_system(folder, vq, vq_config=vq_config)
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("mask, masked", [(False, []), (None, [5, 7])])  # None: absent, HF's default True
+def test_mask_image_logits_read_from_config(release, tmp_path, mask, masked):
+    """mask_image_logits (HF default True) sets the logits of vocabulary_map's IMGIMG* ids to -inf, as the
+    official forward does; image codes (<MOVQGAN...>) stay; false masks nothing."""
+    folder, vq, vq_config = release
+    config = json.loads((folder / "config.json").read_text())
+    config["vocabulary_map"] = {"IMGIMGAA": 5, "IMGIMGAB": 7, "<MOVQGAN0>": 155000, "red": 4}
+    config.pop("mask_image_logits", None) if mask is None else config.update(mask_image_logits=mask)
+    other, vq, vq_config = variant(release, tmp_path, config_json=config)
+    system = load_system(other, vq, vq_config=vq_config)
+    with torch.no_grad():
+        logits = system.model(torch.tensor([[151643, 3, 4]]))[0, -1]
+    assert torch.isinf(logits).nonzero().flatten().tolist() == masked
+    if masked:  # sampling is untouched: no image code was masked
+        run_sample((other, vq, vq_config), tmp_path / "out", "--width", "32", "--height", "32")
+
+
+def test_mask_on_image_codes_is_refused(release, tmp_path):
+    """A mask that would hit image codes, which the code head cannot honour, stops with one line."""
+    folder, vq, vq_config = release
+    config = dict(json.loads((folder / "config.json").read_text()), vocabulary_map={"IMGIMGAA": 155003})
+    other, vq, vq_config = variant(release, tmp_path, config_json=config)
+    with pytest.raises(ValueError, match="masks image-code id 155003"):
+        load_system(other, vq, vq_config=vq_config)
 
 
 def test_eval_and_bench_run_on_the_release(release, tmp_path):

@@ -64,19 +64,16 @@ def test_cfg_one_is_conditional_only(tiny_system):
     with_cfg1, _ = generate(system.model, system.layout, prefix, uncond, plan, cfg_scale=1.0, top_k=20,
                             temperature=1.0, generator=torch.Generator().manual_seed(5))
     model, tokens, gen = system.model, list(prefix), torch.Generator().manual_seed(5)
+    off, n = system.layout.image_code_offset, system.layout.codebook_size
     with torch.no_grad():
         for i in range(len(plan)):
-            logits = model(torch.tensor([tokens]))[:, -1]
-            allowed = torch.full_like(logits, float("-inf"))
-            if plan[i] >= 0:
-                allowed[:, plan[i]] = 0
-            else:
-                off = system.layout.image_code_offset
-                allowed[:, off:off + system.layout.codebook_size] = 0
-            logits = logits + allowed
+            if plan[i] >= 0:  # a forced id is written, not drawn
+                tokens.append(int(plan[i]))
+                continue
+            logits = model(torch.tensor([tokens]))[:, -1, off:off + n]  # every other id is -inf: drawn over codes
             kth = torch.topk(logits, 20).values[:, -1:]
             probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
-            tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+            tokens.append(off + int(torch.multinomial(probs, 1, generator=gen)))
     assert with_cfg1[0].tolist() == tokens[len(prefix):]
 
 
@@ -94,10 +91,10 @@ def test_structure_constraint_forces_eol_and_end(tiny_system):
     layout = tiny_system.layout
     plan = image_body_plan(2, 3, layout)
     logits = torch.randn(1, len(plan), layout.vocab_size) * 10
-    probs = logits_to_probs(logits, plan, layout, 1.0, 0, 1.0)
-    assert torch.all(probs[0, 3, layout.eol_id] == 1) and torch.all(probs[0, -1, layout.image_end_id] == 1)
-    off, n = layout.image_code_offset, layout.codebook_size
-    assert torch.allclose(probs[0, 0, off:off + n].sum(), torch.tensor(1.0))
+    probs = logits_to_probs(logits, plan, layout, 1.0, 0, 1.0)  # (1, T, codes): one-hot on column 0 where forced
+    assert torch.all(probs[0, 3, 0] == 1) and torch.all(probs[0, -1, 0] == 1)
+    assert probs.shape[-1] == layout.codebook_size
+    assert torch.allclose(probs[0, 0].sum(), torch.tensor(1.0)) and probs[0, 0].max() < 1
 
 
 def test_reference_panel_is_kept_exactly(tiny_system, tmp_path):
@@ -191,7 +188,7 @@ def test_think_rewrites_through_a_loopback_server_and_falls_back(capsys):
 @pytest.mark.parametrize("args, error, message", [
     (["--width", "100"], ValueError, "width 100 is not a multiple of 32; try 96 or 128"),
     (["--task", "paint"], ValueError, "unknown task 'paint'"),
-    (["--task", "edge"], ValueError, "needs --ref"),
+    (["--task", "edit"], ValueError, "needs --ref"),  # edge/depth/dense without one draw an image pair
     (["--task", "edge", "--ref", "missing.png"], FileNotFoundError, "does not exist"),
     (["--task", "edge", "--ref", "CORRUPT"], ValueError, "cannot read reference image"),
     (["--prompt", "  "], ValueError, "the prompt is empty"),

@@ -67,9 +67,9 @@ def test_untrained_model_fails_the_same_check(system):
 def test_readme_commands_run_on_the_shipped_assets(system, tmp_path, argv, size, monkeypatch):
     """The README's first T2I command and its --task example, on what a fresh clone holds (the
     default --ckpt is assets/; the file's one loaded copy of it stands in for a second load)."""
-    def shared(ckpt, *args):  # (vq, device, dtype, quant, vq_config)
+    def shared(ckpt, *args):  # (vq, device, dtype, quant, vq_config, lora)
         assert Path(ckpt) == ASSETS
-        return system if args == (None, "cpu", torch.float32, None, None) else load_system(ckpt, *args)
+        return system if args == (None, "cpu", torch.float32, None, None, None) else load_system(ckpt, *args)
     monkeypatch.setattr(sample, "load_system", shared)
     main(argv + ["--out", str(tmp_path)])
     written = sorted(tmp_path.glob("*_s0_0.png"))

@@ -80,9 +80,10 @@ def exact_joint(model, plan, positions):
         unc = model(torch.cat([torch.tensor(uncond).expand(len(body), -1), body], 1))
         k, ku = len(TOY_PREFIX) - 1, len(uncond) - 1
         logits = torch.cat([cond[:, k:k + last + 1], unc[:, ku:ku + last + 1]])
-        probs = logits_to_probs(logits, plan[:last + 1], TOY, **TOY_SAMPLING)  # (N, last+1, V)
-    prefix_prob = probs[:, :last].gather(-1, body[..., None])[..., 0].prod(1)  # (N,) P(prefix)
-    joint = prefix_prob[:, None] * probs[:, last, TOY.image_code_offset:TOY.image_code_offset + n_codes]  # (N, 4)
+        probs = logits_to_probs(logits, plan[:last + 1], TOY, **TOY_SAMPLING)  # (N, last+1, codes)
+    columns = sjd.to_columns(body, plan[:last], TOY)[..., None]
+    prefix_prob = probs[:, :last].gather(-1, columns)[..., 0].prod(1)  # (N,) P(prefix)
+    joint = prefix_prob[:, None] * probs[:, last, :n_codes]  # (N, 4)
     cells = cell(body, positions[:-1])[:, None] + torch.arange(n_codes) * n_codes ** (len(positions) - 1)
     return torch.zeros(n_codes ** len(positions)).index_add_(0, cells.flatten(), joint.flatten())
 
@@ -121,7 +122,7 @@ def toy_samples(model, plan, sjd_window, batches, per_batch, init="random"):
                 generator = torch.Generator().manual_seed(seed)
                 runs.append(sjd.sjd_generate(step, logits, plan, len(TOY_PREFIX), probs_fn, TOY, generator=generator,
                                              window=sjd_window, init=init) if sjd_window else
-                            decode_n_tokens(step, logits, plan, len(TOY_PREFIX), probs_fn, generator))
+                            decode_n_tokens(step, logits, plan, len(TOY_PREFIX), probs_fn, TOY, generator))
     finally:
         model.clear_caches()
     assert all(stats["forward_passes"] <= len(plan) for _, stats in runs)
@@ -222,7 +223,8 @@ def test_top_n_sigma_is_opt_in(toy):
         model.clear_caches()
         full = model(torch.cat([idx, tokens], 1))[:, len(TOY_PREFIX) - 1:-1]  # (1, n, V)
     allowed = sjd.filter_top_n_sigma(probs_fn(full, plan), 0.5)
-    assert bool((allowed.gather(-1, tokens[..., None]) > 0).all()) and stats["forward_passes"] <= len(plan)
+    columns = sjd.to_columns(tokens, plan, TOY)[..., None]
+    assert bool((allowed.gather(-1, columns) > 0).all()) and stats["forward_passes"] <= len(plan)
 
 
 def test_two_token_plan_falls_back_to_one_plain_step(tiny_system):

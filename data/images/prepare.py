@@ -12,6 +12,7 @@ are skipped and listed in skipped.txt.
   python -m data.images.prepare --manifest=my/train.jsonl --codec=movqgan_270M.ckpt --workers=8 \\
       --tokenizer=Lumina-mGPT-2.0/tokenizer.json --target_size=256 --out_dir=data/images/stage1_256
 """
+import codecs
 import json
 import multiprocessing as mp
 import os
@@ -19,6 +20,8 @@ import pickle
 import random
 import shutil
 import sys
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -29,15 +32,16 @@ from PIL import Image
 from tqdm import tqdm
 
 import sequence as S
-from checkpoint import atomic_write
-from configurator import configure
+from checkpoint import atomic_write, read_tokenizer
+from configurator import check_device, check_out_dir, check_ranges, configure, run_main
 from data.shapes.prepare import UNSIZED_T2I, fingerprint
-from data.shards import ShardWriter
+from data.shards import ShardWriter, remove_temp_files
 from vq import MoVQGAN, center_crop, pil_to_tensor
 
 MAX_RATIO = 4.0  # official generate_crop_size_list(max_ratio=4.0) (docs/tokens.md §3)
 SPLITS = ("train", "val")
 PART = "part-{:06d}.pkl"  # parts/PART.format(k): chunk k, done
+PARENT_POLL = 0.5  # seconds between a pool process's checks that its parent lives
 SETTINGS = dict(  # --key=value; --help lists them
     manifest="", codec="", tokenizer="", out_dir="",  # required: JSONL; official movqgan_270M.ckpt or our codec
     #   folder; the official release's tokenizer.json (official layout) or ours; one folder per stage resolution
@@ -82,11 +86,13 @@ def open_image(path):
 
 
 def read_line(n, line, folder, sizes, seed, val_fraction):
-    """Line n (0-based) -> (split, bucket name, text, PIL image, drop_text), or raise Skip."""
+    """Line n (0-based, bytes) -> (split, bucket name, text, PIL image, drop_text), or raise Skip."""
     rng = random.Random(f"{seed}-{n}")  # three draws, always, whatever the line holds
     val, unsized, drop = (rng.random() < p for p in (val_fraction, UNSIZED_T2I, S.CFG_DROP_PROB))
     try:
-        row = json.loads(line)
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise Skip(f"not UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise Skip(f"not JSON ({e})") from None
     if not isinstance(row, dict):
@@ -147,6 +153,20 @@ def process_chunk(task):
     return len(lines), skipped
 
 
+def watch_parent(parent, parts):
+    """In each pool process: when the parent dies (killed, even by SIGKILL), remove this process's temp
+    files and exit, rather than encode on for no one (a thread, so it works wherever Python runs)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL)
+    remove_temp_files(parts, os.getpid())
+    os._exit(1)
+
+
+def init_pool_worker(parent, cfg, device, threads):
+    threading.Thread(target=watch_parent, args=(parent, cfg["parts"]), daemon=True).start()
+    init_worker(cfg, device, threads)
+
+
 def run_chunks(tasks, cfg, workers, device, threads):
     """Yield (lines, skipped) per chunk as chunks finish: here if workers == 1, else in `workers` processes,
     a GPU each in turn for "cuda"; a dying worker stops the run (BrokenProcessPool): rerun to resume."""
@@ -160,7 +180,8 @@ def run_chunks(tasks, cfg, workers, device, threads):
     for i in range(workers):
         queue.put(f"cuda:{i % gpus}" if gpus else device)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)  # CPU workers share the cores, not oversubscribe
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(cfg, queue, threads))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_pool_worker,
+                               initargs=(os.getpid(), cfg, queue, threads))
     try:
         for done in as_completed([pool.submit(process_chunk, t) for t in tasks]):
             yield done.result()
@@ -186,7 +207,7 @@ def assemble(out, parts, n_chunks):
 
 def layout_and_buckets(tok_path, codec, target_size):
     """The official layout for the official tokenizer, else ours, checked against the codec; the buckets."""
-    tokenizer, n_embed = S.Tokenizer.from_file(str(tok_path)), MoVQGAN.from_pretrained(codec).config.n_embed
+    tokenizer, n_embed = read_tokenizer(tok_path), MoVQGAN.from_pretrained(codec).config.n_embed
     try:
         layout = S.TokenLayout.official(tokenizer)
     except ValueError:  # not the official ids: our reduced-scale layout
@@ -194,26 +215,48 @@ def layout_and_buckets(tok_path, codec, target_size):
     if n_embed != layout.codebook_size:
         raise SystemExit(f"the codec has {n_embed} codes, this tokenizer's layout {layout.codebook_size}: "
                          "the official tokenizer goes with the official 270M codec")
-    sizes = {panels: bucket_sizes(target_size, panels, layout.size_unit) for panels in (1, 2)}
-    longest = max(max(w, p * h) for p in sizes for w, h in sizes[p])  # pixels
     most = layout.size_unit * len(layout.size_token_ids)  # pixels
+    sizes = {panels: bucket_sizes(target_size, panels, layout.size_unit)  # none past the size tokens: a huge
+             for panels in (1, 2) if target_size <= most}                  # target would take minutes to walk
+    longest = max((max(w, p * h) for p in sizes for w, h in sizes[p]), default=target_size)  # pixels
     if target_size % layout.size_unit or longest > most:
         raise SystemExit(f"--target_size {target_size}: not a multiple of {layout.size_unit}, or bucket sides "
                          f"({longest} px) beyond the size tokens ({most} px); try 256, 512 or 768")
     return layout, sizes
 
 
-def main(argv=None):
-    args = SimpleNamespace(**configure(sys.argv[1:] if argv is None else argv, SETTINGS, __doc__))
+def check_args(args):
+    """Every setting and input file, before anything is written (docs/checkpoints.md §4)."""
     for what in ("manifest", "codec", "tokenizer", "out_dir"):
         if not getattr(args, what) or (what != "out_dir" and not Path(getattr(args, what)).exists()):
             raise SystemExit(f"no {what} at {getattr(args, what)!r}: pass --{what}=PATH (see --help)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device={args.device} but CUDA is not available here; use --device=cpu")
+    if not Path(args.manifest).is_file():
+        raise ValueError(f"--manifest={args.manifest} is a folder; pass the JSONL file")
+    check_ranges(vars(args), positive=("target_size", "workers", "batch_size", "chunk_size"),
+                 non_negative=("threads",), fraction=("val_fraction",))
+    check_device(args.device)
+    check_out_dir(args.out_dir)
+
+
+def read_manifest(path):
+    """Its lines as bytes: one that is not UTF-8 is skipped later like any bad line; a UTF-8 BOM is dropped."""
+    data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8).removesuffix(b"\n")
+    lines = data.split(b"\n")  # on "\n" alone, not splitlines(): a caption may hold U+2028
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"manifest {path} has no lines; one JSON object a line, see --help")
+    return lines
+
+
+def main(argv=None):
+    args = SimpleNamespace(**configure(sys.argv[1:] if argv is None else argv, SETTINGS, __doc__))
+    check_args(args)
     out, manifest, C = Path(args.out_dir), Path(args.manifest), args.chunk_size
     tok_path, meta_path, parts = out / "tokenizer.json", out / "meta.json", out / "parts"
     stamp = parts / "settings.json"  # the settings the parts were made with
+    lines = read_manifest(manifest)
+    layout, sizes = layout_and_buckets(args.tokenizer, args.codec, args.target_size)  # before writing anything
     out.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out)  # a killed run's
     if Path(args.tokenizer).resolve() != tok_path.resolve():
         shutil.copyfile(args.tokenizer, tok_path)
     settings = {k: getattr(args, k) for k in ("target_size", "val_fraction", "seed", "chunk_size")}
@@ -222,13 +265,11 @@ def main(argv=None):
     if meta_path.exists() and not args.force and json.loads(meta_path.read_text()).get("settings") == settings:
         shutil.rmtree(parts, ignore_errors=True)
         return print(f"{out}: shards are up to date with these settings (use --force to rebuild)")
-    layout, sizes = layout_and_buckets(tok_path, args.codec, args.target_size)
     meta_path.unlink(missing_ok=True)  # from here on the folder is not a finished build
     if args.force or stamp.exists() and json.loads(stamp.read_text()) != settings:
         shutil.rmtree(parts, ignore_errors=True)  # parts of a run with other settings: start over
     parts.mkdir(exist_ok=True)
     atomic_write(stamp, lambda path: path.write_bytes(json.dumps(settings).encode()))
-    lines = manifest.read_text(encoding="utf-8").removesuffix("\n").split("\n")  # captions may hold U+2028
     n_chunks = -(-len(lines) // C)
     tasks = [(k, k * C, lines[k * C:(k + 1) * C]) for k in range(n_chunks) if not (parts / PART.format(k)).exists()]
     if done := len(lines) - sum(len(t[2]) for t in tasks):
@@ -241,6 +282,8 @@ def main(argv=None):
                 progress.write(f"skipped {message}")
     counts, buckets, skipped = assemble(out, parts, n_chunks)
     atomic_write(out / "skipped.txt", lambda path: path.write_bytes("".join(f"{m}\n" for m in skipped).encode()))
+    if counts["train"] == 0:  # no meta.json: train.py would find no example to draw
+        raise ValueError(f"no line of {manifest} made a training example ({len(skipped)} skipped: {out}/skipped.txt)")
     meta = {"vocab_size": layout.vocab_size, "layout": layout.to_dict(), "tokenizer": "tokenizer.json",
             "codec": str(args.codec), "counts": counts, "buckets": buckets, "target_size": args.target_size,
             "settings": settings}
@@ -253,4 +296,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

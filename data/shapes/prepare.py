@@ -22,12 +22,12 @@ from tqdm import tqdm
 
 import sequence as S
 import shapes as W
-from checkpoint import atomic_write
-from configurator import configure
-from data.shards import ShardWriter
+from checkpoint import atomic_write, read_tokenizer
+from configurator import check_device, check_out_dir, check_ranges, configure, run_main
+from data.shards import ShardWriter, remove_temp_files
 from vq import MoVQGAN, pil_to_tensor
 
-KINDS = W.CATEGORIES + W.TASK_FAMILIES
+KINDS = W.CATEGORIES + W.TASK_FAMILIES + W.EXTRA_TASKS  # EXTRA_TASKS only when --mix names them
 # 60% T2I, 40% tasks: the paper gives no multi-task proportions; these keep T2I, the headline, first.
 DEFAULT_MIX = ",".join([f"{c}=0.1" for c in W.CATEGORIES] + [f"{t}=0.08" for t in W.TASK_FAMILIES])
 UNSIZED_T2I = 0.1  # official pre_tokenize: 10% of T2I prompts omit "of {w}x{h}" (docs/tokens.md §5)
@@ -37,7 +37,7 @@ SETTINGS = dict(  # --key=value; --help lists them
     tokenizer="",  # tokenizer.json to use; default: out_dir/tokenizer.json, trained if absent
     n=60000, val_fraction=0.02, out_dir="data/shapes", seed=0,  # n: examples in all, train + val
     size=W.PANEL, vocab_size=1024,  # panel side in pixels (a multiple of 32); a new tokenizer's text vocabulary
-    mix=DEFAULT_MIX, eval_per_task=16,  # kind=weight,... over the categories and task families; eval pairs a task
+    mix=DEFAULT_MIX, eval_per_task=W.EVAL_PER_CATEGORY,  # kind=weight,... over the categories and task families; eval pairs a task
     batch_size=64, threads=0,  # images per codec call; torch CPU threads (0: torch's default)
     device="cuda" if torch.cuda.is_available() else "cpu",
     force=False)  # rebuild even if meta.json says the shards are current
@@ -47,7 +47,17 @@ def parse_mix(text):
     pairs = [part.partition("=")[::2] for part in text.split(",")]
     if unknown := [kind for kind, _ in pairs if kind not in KINDS]:
         raise SystemExit(f"--mix: unknown kind {unknown[0]!r}; use {', '.join(KINDS)}")
-    return {kind: float(weight) for kind, weight in pairs}
+    try:
+        mix = {kind: float(weight) for kind, weight in pairs}
+    except ValueError:
+        raise SystemExit(f"--mix={text}: expected kind=weight,... with numbers as weights") from None
+    if min(mix.values()) < 0 or not sum(mix.values()) > 0:
+        raise SystemExit(f"--mix={text}: weights must be >= 0, and not all 0")
+    return mix
+
+
+def val_count(n, val_fraction):  # examples in the val split: the last of the n
+    return max(1, round(n * val_fraction))
 
 
 def example(i, seed, mix, size):
@@ -78,7 +88,7 @@ def fingerprint(path):
 def write_shards(out, args, mix, tokenizer, layout, codec):
     """Examples 0..n-1 encoded a batch at a time (one codec call per panel size); the last
     val_fraction of them form the val split. -> (examples, tokens) per split."""
-    n_val, writers = max(1, round(args.n * args.val_fraction)), {s: ShardWriter(out, s) for s in ("train", "val")}
+    n_val, writers = val_count(args.n, args.val_fraction), {s: ShardWriter(out, s) for s in ("train", "val")}
     for start in tqdm(range(0, args.n, args.batch_size), desc="batches"):
         batch = [example(i, args.seed, mix, args.size) for i in range(start, min(start + args.batch_size, args.n))]
         codes = {}
@@ -97,13 +107,25 @@ def write_shards(out, args, mix, tokenizer, layout, codec):
 def main(argv=None):
     args = SimpleNamespace(**configure(sys.argv[1:] if argv is None else argv, SETTINGS, __doc__))
     out, mix = Path(args.out_dir), parse_mix(args.mix)
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     if not args.codec or not Path(args.codec).exists():
         raise SystemExit(f"no codec at {args.codec!r}: train one with `python train_vq.py "
                          f"--out_dir={args.codec or 'out/vq_shapes'}` or pass --codec=PATH")
     if args.tokenizer and not Path(args.tokenizer).exists():
         raise SystemExit(f"no tokenizer at {args.tokenizer}: leave out --tokenizer to train one into {out}")
+    check_ranges(vars(args), positive=("n", "size", "vocab_size", "batch_size"),
+                 non_negative=("eval_per_task", "threads"), fraction=("val_fraction",))
+    if args.size % 32:
+        raise ValueError(f"--size={args.size}: must be a multiple of 32 px (the size tokens); try 64")
+    if args.n - val_count(args.n, args.val_fraction) < 1:
+        raise ValueError(f"--n={args.n} with --val_fraction={args.val_fraction} leaves no training example; raise --n")
+    check_device(args.device)
+    check_out_dir(args.out_dir)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    codec = MoVQGAN.from_pretrained(args.codec)  # a damaged codec or tokenizer fails now, before any writing
+    if args.tokenizer:
+        read_tokenizer(args.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(out)  # a killed run's
     tok_path = out / "tokenizer.json"  # given, or already next to the shards, or trained on this run's prompts
     if args.tokenizer and Path(args.tokenizer).resolve() != tok_path.resolve():
         shutil.copyfile(args.tokenizer, tok_path)
@@ -116,18 +138,14 @@ def main(argv=None):
     if meta_path.exists() and not args.force and json.loads(meta_path.read_text()).get("settings") == settings:
         return print(f"{out}: shards are up to date with these settings (use --force to rebuild)")
 
-    tokenizer, codec = S.Tokenizer.from_file(str(tok_path)), MoVQGAN.from_pretrained(args.codec).to(args.device)
+    tokenizer, codec = read_tokenizer(tok_path), codec.to(args.device)
     layout = S.TokenLayout.ours(tokenizer, codec.config.n_embed)
     meta_path.unlink(missing_ok=True)  # from here on the folder is not a finished build
     t0 = time.time()
     counts, tokens = write_shards(out, args, mix, tokenizer, layout, codec)
     elapsed = time.time() - t0
-    (out / "eval_refs").mkdir(exist_ok=True)  # the eval set's task rows: their upper panels
-    specs = W.eval_t2i_specs()
-    for k, (upper, _, spec) in enumerate(W.eval_task_pairs(args.eval_per_task, size=args.size)):
-        specs.append(dict(spec, ref=f"eval_refs/{spec['task']}_{k:03d}.png"))  # relative to the JSONL
-        upper.save(out / specs[-1]["ref"])
-    W.write_prompt_set(out / "eval_prompts.jsonl", specs)
+    tasks = W.TASK_FAMILIES + tuple(t for t in W.EXTRA_TASKS if t in mix)  # an extra task is judged when trained
+    specs = W.write_eval_set(out, args.eval_per_task, args.size, tasks)  # the held-out eval set (docs/shapes.md §6)
     meta = {"vocab_size": layout.vocab_size, "layout": layout.to_dict(), "tokenizer": "tokenizer.json",
             "codec": str(args.codec), "counts": dict(counts, tokens=tokens, eval_prompts=len(specs)),
             "panel": args.size, "settings": settings}
@@ -137,4 +155,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
