@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.utils.benchmark import Timer
 
 from checkpoint import atomic_write
-from model import ModelConfig, Transformer, compute_loss, estimate_mfu, flops_per_token
+from model import ModelConfig, Transformer, compute_loss, cpu_has_fast_bf16, estimate_mfu, flops_per_token
 from quant import Int4Linear, quantize_model
 from sample import (ASSETS, CACHE_MULTIPLE, KV_BUCKETS, OFFICIAL_SAMPLING, add_system_args, cfg_batch, code_head,
                     generate, kv_lengths, load_system, load_system_from_args, logits_to_probs, make_step, prefill)
@@ -286,27 +286,53 @@ def bench_linear(model, group_size, device, dtype):
     return {"mode": "linear", "group_size": group_size, "bytes_vs_float": ratio, "layers": layers}
 
 
-def bench_train(model, batch, seq_len, steps, device):
-    """Forward + backward + AdamW on random tokens at train.py's precision; MFU (docs/training.md §5)."""
-    model, cuda = model.float().train(), device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
-    x = torch.randint(model.config.vocab_size, (batch, seq_len + 1), device=device)
+TRAIN_VARIANTS = ("float32", "bfloat16", "compile")  # fp32; bf16 autocast; fp32 under torch.compile
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            compute_loss(model(x[:, :-1]), x[:, 1:], torch.ones_like(x[:, 1:])).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocates the gradients and the optimizer state
-    seconds, peak, _ = measure(lambda: [step() for _ in range(steps)], device)
-    n_params, tokens_per_s = model.num_params(), batch * seq_len * steps / seconds
-    mfu = estimate_mfu(model.config, n_params, seq_len, tokens_per_s, device)  # None on a CPU or an unknown GPU
-    print(f"train: {seconds / steps * 1e3:.0f} ms/step, {tokens_per_s:,.0f} tokens/s, peak {peak:,.0f} MB"
-          + (f", MFU {mfu:.1%}" if mfu else ""))
-    return {"mode": "train", "dtype": "float32", "batch": batch, "seq_len": seq_len, "steps": steps, "mfu": mfu,
-            "ms_per_step": seconds / steps * 1e3, "tokens_per_s": tokens_per_s, "peak_memory_mb": peak,
-            "tflops": flops_per_token(model.config, n_params, seq_len) * tokens_per_s / 1e12}
+def bench_train(model, batch, seq_len, steps, device, variants=TRAIN_VARIANTS):
+    """Forward + backward + AdamW per variant, each from the same weights on one fixed batch: ms/step, tokens/s,
+    MFU, and the loss each reaches in the time the first variant takes for `steps` steps (equal time), so a faster
+    precision that learns worse shows (docs/training.md §5, docs/performance.md §4)."""
+    model, cuda, rows, budget = model.float(), device.type == "cuda", {}, None
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(model.config.vocab_size, (batch, seq_len + 1), device=device,
+                      generator=torch.Generator(device).manual_seed(0))
+    print(f"native bf16 on this CPU: {'yes' if cpu_has_fast_bf16() else 'no'} (train.py dtype=auto uses bf16 on "
+          f"CUDA and on such CPUs)\n{'variant':<10}{'ms/step':>10}{'tokens/s':>11}{'x first':>9}{'steps':>7}"
+          f"{'loss':>8}{'peak MB':>9}")
+    for variant in variants:
+        model.load_state_dict(initial)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
+        forward = torch.compile(model) if variant == "compile" else model
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "bfloat16"):
+                loss = compute_loss(forward(x[:, :-1]), x[:, 1:], torch.ones_like(x[:, 1:]))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        first_loss = step()  # warm-up (a step, not timed): gradients, optimizer state, compilation
+        losses, t0 = [], time.perf_counter()
+
+        def run():  # the first variant: `steps` steps; the others: as many as fit in its time
+            while len(losses) < steps if budget is None else time.perf_counter() - t0 < budget or not losses:
+                losses.append(step())
+        seconds, peak, _ = measure(run, device)
+        budget = budget or seconds
+        tokens_per_s = batch * seq_len * len(losses) / seconds
+        rows[variant] = {"ms_per_step": seconds / len(losses) * 1e3, "tokens_per_s": tokens_per_s,
+                         "steps": len(losses) + 1, "first_loss": first_loss, "loss": losses[-1], "peak_memory_mb": peak}
+        speedup = tokens_per_s / rows[variants[0]]["tokens_per_s"]
+        print(f"{variant:<10}{seconds / len(losses) * 1e3:>10.0f}{tokens_per_s:>11,.0f}{speedup:>9.2f}"
+              f"{len(losses) + 1:>7}{losses[-1]:>8.3f}{peak:>9,.0f}")
+    first, n_params = rows[variants[0]], model.num_params()
+    mfu = estimate_mfu(model.config, n_params, seq_len, first["tokens_per_s"], device)  # None on a CPU
+    return {"mode": "train", "batch": batch, "seq_len": seq_len, "steps": steps, "mfu": mfu, "variants": rows,
+            "ms_per_step": first["ms_per_step"], "tokens_per_s": first["tokens_per_s"],
+            "peak_memory_mb": first["peak_memory_mb"],
+            "tflops": flops_per_token(model.config, n_params, seq_len) * first["tokens_per_s"] / 1e12}
 
 
 def main(argv=None):
@@ -319,7 +345,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2, help="rows per forward: even = CFG with batch/2 samples")
     p.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset (default: all six)")
     p.add_argument("--group_size", type=int, default=128, help="int4 group size (official 128)")
-    p.add_argument("--train", action="store_true", help="time training steps instead of decoding")
+    p.add_argument("--train", nargs="?", const=",".join(TRAIN_VARIANTS), metavar="VARIANTS",
+                   help=f"time training steps instead of decoding (default variants: {','.join(TRAIN_VARIANTS)})")
     p.add_argument("--seq_len", type=int, default=512, help="--train: tokens per sequence")
     p.add_argument("--linear", action="store_true", help="time the model's matmul shapes, float vs int4")
     p.add_argument("--end_to_end", action="store_true", help="seconds per whole image from step times (--size)")
@@ -353,7 +380,10 @@ def main(argv=None):
         sampling = {k: sampling[k] for k in ("top_k", "temperature")}
         record.update(bench_end_to_end(args, model, layout, size, sampling, prefix, device))
     elif args.train:
-        record.update(bench_train(model, args.batch, args.seq_len, args.steps or DEFAULT_STEPS["train"], device))
+        if unknown := set(args.train.split(",")) - set(TRAIN_VARIANTS):
+            raise ValueError(f"unknown --train variant(s) {sorted(unknown)}; choose from {', '.join(TRAIN_VARIANTS)}")
+        record.update(bench_train(model, args.batch, args.seq_len, args.steps or DEFAULT_STEPS["train"], device,
+                                  tuple(args.train.split(","))))
     else:
         sampling = {k: sampling[k] for k in ("top_k", "temperature")}  # CFG: the official scale, or none (--batch)
         record.update(bench_decode(args, model, layout, size, sampling, prefix, device))

@@ -30,23 +30,23 @@ def configure(argv, settings, doc=""):
             sys.exit(0)
         if not arg.startswith("--"):
             if not Path(arg).is_file():
-                raise SystemExit(f"config file {arg} not found; pass a file such as config/train_shapes.py")
+                raise FileNotFoundError(f"config file {arg} not found; pass a file such as config/train_shapes.py")
             try:
                 exec(compile(Path(arg).read_text(), arg, "exec"), {}, overrides := {})
             except Exception as e:
-                raise SystemExit(f"config file {arg} does not run: {type(e).__name__}: {e}") from None
+                raise ValueError(f"config file {arg} does not run: {type(e).__name__}: {e}") from None
             if unknown := sorted(set(overrides) - set(settings)):
-                raise SystemExit(f"{arg}: unknown setting(s) {unknown}; known: {', '.join(settings)}")
+                raise ValueError(f"{arg}: unknown setting(s) {unknown}; known: {', '.join(settings)}")
             settings.update(overrides)
             continue
         key, eq, value = arg[2:].partition("=")
         if key not in settings:
-            raise SystemExit(f"unknown setting --{key}; known: {', '.join(settings)}")
+            raise ValueError(f"unknown setting --{key}; known: {', '.join(settings)}")
         default = settings[key]
         if not eq and isinstance(default, bool):
             value = "True"  # a bare --flag switches a boolean on
         elif not eq:
-            raise SystemExit(f"--{key} needs a value: --{key}=VALUE (now {default!r})")
+            raise ValueError(f"--{key} needs a value: --{key}=VALUE (now {default!r})")
         try:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -54,7 +54,7 @@ def configure(argv, settings, doc=""):
         if isinstance(default, float) and type(parsed) is int:
             parsed = float(parsed)
         if type(parsed) is not type(default):
-            raise SystemExit(f"--{key}={value}: expected {type(default).__name__}, got {type(parsed).__name__}")
+            raise ValueError(f"--{key}={value}: expected {type(default).__name__}, got {type(parsed).__name__}")
         settings[key] = parsed
     return settings
 
@@ -129,8 +129,8 @@ def run_main(main, argv=None):
 
 
 def excepthook(kind, error, traceback):
-    """The same for the flat scripts (train.py, train_vq.py: `sys.excepthook = excepthook`), which have no
-    main() to wrap. Their own `SystemExit(message)` Python prints as one line with exit code 1."""
+    """The same for the flat scripts (train.py, train_vq.py), which have no main() to wrap: they set
+    `sys.excepthook = excepthook` before configure(), so a bad setting too ends as one line, exit code 2."""
     if (message := one_line(error)) is None:
         return sys.__excepthook__(kind, error, traceback)
     print(message, file=sys.stderr)

@@ -322,3 +322,13 @@ def estimate_mfu(config, n_params, seq_len, tokens_per_s, device):
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "a CPU"
     peak = next((f for key, f in PEAK_BF16_FLOPS.items() if key in name), None)
     return flops_per_token(config, n_params, seq_len) * tokens_per_s / peak if peak else None
+
+
+def cpu_has_fast_bf16():
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX, read from Linux's /proc/cpuinfo): there bf16
+    autocast trains faster than fp32; elsewhere it is emulated, ~10x slower (measured: docs/performance.md §4)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: assume no, fp32 is never the slow choice
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -34,7 +34,7 @@ import checkpoint
 import lora
 from configurator import check_device, check_out_dir, check_ranges, configure, excepthook, warn
 from data.shards import load_shards
-from model import Block, ModelConfig, Transformer, compute_loss, estimate_mfu, lr_schedule
+from model import Block, ModelConfig, Transformer, compute_loss, cpu_has_fast_bf16, estimate_mfu, lr_schedule
 
 # -----------------------------------------------------------------------------
 # config: defaults, then a config file, then --key=value (unknown keys and wrong types are errors)
@@ -71,10 +71,12 @@ lora_targets = lora.ALL_TARGETS  # comma-separated layer names that get adapters
 lora_dropout = 0.0
 lora_base_dtype = "float32"  # frozen base: "float32" | "bfloat16" | "int4" (QLoRA-style; with activation_checkpointing)
 device = "auto"              # "auto" | "cpu" | "cuda"
+dtype = "auto"               # autocast: "auto" (bf16 on CUDA and on CPUs with native bf16, else fp32) | "float32" | "bfloat16"
 compile = False
 threads = 0                  # torch CPU threads; 0: torch's default
 seed = 1337
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+sys.excepthook = excepthook  # an expected error (a bad setting, a missing file) ends as one line, exit 2
 globals().update(configure(sys.argv[1:], {k: globals()[k] for k in config_keys}, __doc__))
 config = {k: globals()[k] for k in config_keys}
 TRAIN_STREAM, VAL_STREAM = 0, 1  # seeds of the two batch streams
@@ -82,7 +84,6 @@ DROPOUT_SEED_STRIDE = 7919       # seed + stride * step + rank differs for every
 
 # -----------------------------------------------------------------------------
 # bad settings stop here, before any work, as one line without a traceback (docs/checkpoints.md §4)
-sys.excepthook = excepthook
 check_ranges(config, positive=("batch_size", "length_buckets", "gradient_accumulation_steps", "eval_interval",
                                 "eval_iters", "log_interval", "checkpoint_interval", "keep_checkpoints",
                                 "max_bad_steps", "learning_rate", "grad_clip"),
@@ -90,6 +91,8 @@ check_ranges(config, positive=("batch_size", "length_buckets", "gradient_accumul
                            "z_loss_weight", "max_minutes", "threads", "seed"), fraction=("dropout", "beta1", "beta2"))
 if parallel not in ("ddp", "fsdp"):
     raise ValueError(f"parallel={parallel!r}: expected 'ddp' or 'fsdp'")
+if dtype not in ("auto", "float32", "bfloat16"):
+    raise ValueError(f"dtype={dtype!r}: expected 'auto', 'float32' or 'bfloat16'")
 if device != "auto":
     check_device(device)
 check_out_dir(out_dir)
@@ -121,8 +124,11 @@ master = rank == 0
 device_type = "cuda" if "cuda" in device else "cpu"
 if threads:
     torch.set_num_threads(threads)
-# bf16 autocast on GPU; fp32 on CPU, which has no fast bf16 (docs/performance.md §4)
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+# bf16 autocast on GPU and on CPUs that multiply bf16 natively; emulated bf16 is ~10x slower than fp32 on the
+# others (bench.py --train measures both; docs/performance.md §4)
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" or cpu_has_fast_bf16() else "float32"
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 torch.backends.cuda.matmul.allow_tf32 = device_type == "cuda"
 out = Path(out_dir)  # checkpoint.save creates it with the first checkpoint
 
@@ -173,16 +179,16 @@ def finished_checkpoints(folder):
 iter_num, train_state = 0, None
 if init_from == "resume":
     if not finished_checkpoints(out):
-        raise SystemExit(f"init_from=resume but {out} holds no checkpoint; start with init_from=scratch")
+        raise FileNotFoundError(f"init_from=resume but {out} holds no checkpoint; start with init_from=scratch")
     ckpt_dir = finished_checkpoints(out)[-1]
     log(f"resuming from {ckpt_dir}")
     if (ckpt_dir / "lora.json").is_file() != bool(lora_rank):
-        raise SystemExit(f"{ckpt_dir} was{'' if lora_rank else ' not'} trained with LoRA: resume with its lora_rank")
+        raise ValueError(f"{ckpt_dir} was{'' if lora_rank else ' not'} trained with LoRA: resume with its lora_rank")
     model = lora.load_base(lora.read_config(ckpt_dir).base) if lora_rank else Transformer.load(ckpt_dir)
     try:
         train_state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"{ckpt_dir}/train_state.pt is unreadable ({e}); delete that checkpoint folder to resume "
+        raise ValueError(f"{ckpt_dir}/train_state.pt is unreadable ({e}); delete that checkpoint folder to resume "
                          "from the one before") from None
     iter_num = train_state["iter_num"]
 elif init_from == "scratch":
@@ -192,7 +198,7 @@ else:  # start a stage from the previous stage's weights (paper §4: 256 -> 512 
     model = lora.load_base(init_from)  # ours or an official release
     model.config.dropout = dropout
 if model.config.vocab_size < data_vocab:
-    raise SystemExit(f"model vocab {model.config.vocab_size} < data vocab {data_vocab}: wrong data_dir for this model")
+    raise ValueError(f"model vocab {model.config.vocab_size} < data vocab {data_vocab}: wrong data_dir for this model")
 if max_seq_len and max_seq_len != model.config.max_seq_len:
     model.config.max_seq_len = max_seq_len
     model.reset_rope()
@@ -201,7 +207,7 @@ for block in model.layers:
 lora_config = None
 if lora_rank:  # freeze the base, train low-rank adapters alone (docs/lora.md §2)
     if init_from == "scratch":
-        raise SystemExit("lora_rank needs a base to adapt: set init_from to a checkpoint folder")
+        raise ValueError("lora_rank needs a base to adapt: set init_from to a checkpoint folder")
     torch.manual_seed(seed)
     if train_state is None:
         lora_config = lora.LoRAConfig(init_from, lora_rank, lora_alpha, lora_targets, lora_dropout)
@@ -211,7 +217,7 @@ if lora_rank:  # freeze the base, train low-rank adapters alone (docs/lora.md §
         lora.attach(model, ckpt_dir, lora_base_dtype)
 model.to(device)
 n_params = model.num_params()
-log(f"model: {n_params / 1e6:.2f}M parameters, {model.config}")
+log(f"model: {n_params / 1e6:.2f}M parameters, {model.config}; {device}, {dtype}")
 if lora_rank:
     log(f"LoRA: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, {lora_config}")
 train_data, val_data = load_split("train"), load_split("val")  # after the checkpoint: a bad one fails first

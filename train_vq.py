@@ -38,18 +38,18 @@ mosaic = True                      # also train on 2x1, 1x2 and 2x2 mosaics of p
 ckpt_every, eval_every, log_every = 250, 500, 50  # steps
 threads = 0                        # torch CPU threads, 0: torch's default (on 2 shared cores 1 beat 2 by ~2x)
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+sys.excepthook = excepthook  # an expected error (a bad setting, a missing file) ends as one line, exit 2
 globals().update(configure(sys.argv[1:], {k: globals()[k] for k in config_keys}, __doc__))
 config = {k: globals()[k] for k in config_keys}
 
 # -----------------------------------------------------------------------------
 # bad settings and a missing or damaged checkpoint stop here, before any work, as one line (docs/checkpoints.md §4)
-sys.excepthook = excepthook
 check_ranges(config, positive=("image_size", "n_train", "n_eval", "batch_size", "lr", "grad_clip", "ckpt_every",
                                "eval_every", "log_every"),
              non_negative=("max_steps", "warmup_steps", "lr_decay_steps", "weight_decay", "grad_weight",
                            "restart_every", "threads", "min_lr_frac"))
 if init_from not in ("scratch", "resume"):
-    raise SystemExit(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
+    raise ValueError(f"init_from={init_from!r}: expected 'scratch' or 'resume'")
 check_out_dir(out_dir)
 out = Path(out_dir)  # atomic_write creates it
 ckpt = None

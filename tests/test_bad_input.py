@@ -189,7 +189,7 @@ def run(script, argv, capsys):
     try:
         with redirect_stdout(StringIO()):
             runpy.run_path(str(FLAT[script]), run_name="__main__")
-    except SystemExit as e:  # Python prints a message and exits 1, as configurator.excepthook does
+    except SystemExit as e:  # a message: Python prints it and exits 1 (only a run that fails midway does this)
         code, message = (e.code, None) if isinstance(e.code, int) else (1, e.code)
     except Exception as e:  # noqa: BLE001 - what configurator.excepthook would do with it; a bug fails the test
         if (message := configurator.one_line(e)) is None:

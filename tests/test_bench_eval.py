@@ -109,9 +109,15 @@ def test_bench_linear_times_each_layer_shape(monkeypatch):
 
 
 def test_bench_train_throughput():
-    record = bench.main(["--model", "tiny", "--train", "--steps", "1", "--seq_len", "32", "--batch", "2"])
+    """fp32 runs --steps timed steps after its warm-up; bf16 autocast runs for fp32's time from the same weights and
+    batch, so its first (warm-up) loss equals fp32's up to bf16 rounding."""
+    record = bench.main(["--model", "tiny", "--train", "float32,bfloat16", "--steps", "2", "--seq_len", "32",
+                         "--batch", "2"])
     assert record["tokens_per_s"] > 0 and record["ms_per_step"] > 0 and record["mfu"] is None  # MFU: GPU only
-    assert record["tflops"] > 0
+    assert record["tflops"] > 0 and record["variants"]["float32"]["steps"] == 3
+    assert record["variants"]["bfloat16"]["steps"] >= 2
+    first = [record["variants"][v]["first_loss"] for v in ("float32", "bfloat16")]
+    assert first[0] == pytest.approx(first[1], rel=2e-2) and record["variants"]["float32"]["loss"] < first[0]
 
 
 def test_ground_truth_renders_pass_the_verifier():
