@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch.utils.benchmark import Timer
 
 from checkpoint import atomic_write
+from configurator import check_device, run_main
 from model import ModelConfig, Transformer, compute_loss, cpu_has_fast_bf16, estimate_mfu, flops_per_token
 from quant import Int4Linear, quantize_model
 from sample import (ASSETS, CACHE_MULTIPLE, KV_BUCKETS, OFFICIAL_SAMPLING, add_system_args, cfg_batch, code_head,
@@ -358,8 +359,7 @@ def main(argv=None):
         raise ValueError(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.quant:
         raise ValueError("bench.py times int4 as its own variants (compile+int4, compile+int4+sjd); drop --quant")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+    check_device(args.device)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -393,7 +393,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    run_main(main)

@@ -117,8 +117,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_main(main, argv=None):
-    """The top level of sample.py, eval.py and data/*/prepare.py: an expected error becomes one line on
-    stderr and exit code 2; a bug keeps its traceback."""
+    """The top level of sample.py, eval.py, bench.py, lora.py and data/*/prepare.py: an expected error becomes
+    one line on stderr and exit code 2; a bug keeps its traceback."""
     try:
         return main(argv)
     except (SystemExit, *EXPECTED) as e:

@@ -22,8 +22,9 @@ import shapes
 from best_of import verify_chain
 from checkpoint import check_folder
 from configurator import ArgumentParser, check_device, check_out_dir, check_ranges, run_main
-from sample import ASSETS, add_system_args, edit_rounds, load_system_from_args, make_grid, sample_images
+from sample import ASSETS, add_system_args, edit_rounds, load_system_from_args, sample_images
 from sequence import stack_panels
+from tasks import make_grid
 from verify import verify
 from vq import EVAL_SEED, MoVQGAN, evaluate, pil_to_tensor, tensor_to_pil
 

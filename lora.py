@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import checkpoint
+from configurator import run_main
 from model import Transformer
 from quant import Int4Linear, quantize_model
 
@@ -139,7 +140,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    run_main(main)

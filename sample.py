@@ -2,7 +2,7 @@
 
 What it is: the official sampler (docs/sampling.md) as small gpt-fast-style functions: `prefill`, one decode
 `step` (CFG rows, key mask, compile) and ONE sampling function (`logits_to_probs`), both shared with sjd.py.
-Best-of-N and "thinking" (docs/sampling.md §4) live in best_of.py.
+Best-of-N and "thinking" (docs/sampling.md §4) live in best_of.py; task panels and output files in tasks.py.
 What it is not: a trainer, a tokenizer or a codec; it wires model.py, sequence.py and vq.py.
 
   python sample.py --prompt "a red circle left of a blue square"            # the shipped model
@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from best_of import add_best_of_args, make_scorer, pick_best, think
@@ -25,11 +24,11 @@ from checkpoint import check_folder, read_config
 from configurator import ArgumentParser, check_device, check_out_dir, check_ranges, run_main
 from lora import attach as attach_lora, merge as merge_lora
 from model import Transformer
-from sequence import (PAIR_TASKS, TASKS, Tokenizer, TokenLayout, i2i_prefix_ids, ids_to_codes, image_body_plan,
-                      image_header_ids, pair_map, pair_prompt, prompt_ids, split_panels, task_prompt,
+from sequence import (PAIR_TASKS, TASKS, Tokenizer, TokenLayout, ids_to_codes, pair_map, split_panels, task_prompt,
                       unconditional_ids)
 from sjd import add_sjd_args, draw, filter_top_n_sigma, sjd_generate, to_ids
-from vq import MoVQGAN, VQConfig, center_crop, pil_to_tensor, tensor_to_pil
+from tasks import image_size, load_reference, make_grid, save_outputs, task_tokens
+from vq import MoVQGAN, VQConfig, tensor_to_pil
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 OFFICIAL_SAMPLING = {"cfg": 4.0, "top_k": 4096, "temperature": 1.0}  # docs/sampling.md §1
@@ -108,9 +107,7 @@ def add_system_args(parser, ckpt=str(ASSETS), dtype="float32"):
     parser.add_argument("--seed", type=int, default=0)
 
 
-def load_system_from_args(args):
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA device is available; use --device cpu")
+def load_system_from_args(args):  # after the script's own checks (check_device first)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     system = load_system(args.ckpt, args.vq, args.device, dtype, args.quant, args.vq_config, args.lora)
     small = args.device == "cpu" and system.model.num_params() < SMALL_MODEL  # threads wait on each other (README)
@@ -240,32 +237,6 @@ def generate(model, layout, prefix, uncond_prefix, plan, *, num_samples=1, cfg_s
 
 
 # ---- from a prompt (and a reference image) to PIL images, and the command line ----
-def image_size(system, task, width=None, height=None):
-    """(width, height) of the whole image (two panels high for a task), checked against the size unit."""
-    unit, panels = system.layout.size_unit, 1 if task == "t2i" else 2
-    width, height = width or system.size, height or panels * system.size
-    for name, side, multiple in (("width", width, unit), ("height", height, panels * unit)):
-        if side <= 0 or side % multiple:
-            lower = max(multiple, side // multiple * multiple)
-            raise ValueError(f"{name} {side} is not a multiple of {multiple}; try {lower} or {lower + multiple}")
-    return width, height
-
-
-def load_reference(path, width, height):
-    """The upper panel: a PNG/JPEG (or a PIL image), centre-cropped to the panel size the official way."""
-    if not path:
-        raise ValueError("this task needs --ref IMAGE (the upper panel)")
-    if isinstance(path, Image.Image):
-        return center_crop(path, width, height)
-    try:
-        with Image.open(path) as im:
-            return center_crop(im.copy(), width, height)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"reference image {path} does not exist") from None
-    except OSError as e:  # not an image, or a damaged one
-        raise ValueError(f"cannot read reference image {path}: {e}") from None
-
-
 @torch.no_grad()
 def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=None, subject=None,
                   dense_map="segmentation map", num_samples=1, cfg=None, top_k=None, temperature=None,
@@ -275,21 +246,8 @@ def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=No
     panel as a path, a PIL image or a code grid (h, w); an edge/depth/dense task without one is an image pair."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
-    width, height = image_size(system, task, width, height)
-    layout, down = system.layout, system.layout.downsample
-    pair = task in PAIR_TASKS and ref is None  # official image-pair mode: both panels from text (docs/tokens.md §5)
-    text = (pair_prompt(task, prompt, width, height, dense_map) if pair
-            else task_prompt(task, prompt, width, height, subject, dense_map))  # checks the task and its subject
-    plan = image_body_plan(height // down, width // down, layout)
-    if task == "t2i" or pair:
-        prefix = prompt_ids(system.tokenizer, layout, text) + image_header_ids(height, width, layout)
-    else:
-        upper = ref if torch.is_tensor(ref) else system.codec.encode(
-            pil_to_tensor(load_reference(ref, width, height // 2))[None].to(system.device))[0].cpu()
-        if upper.shape != (height // down // 2, width // down):
-            raise ValueError(f"reference codes {tuple(upper.shape)} do not fit a {width}x{height} dual panel")
-        prefix = i2i_prefix_ids(system.tokenizer, layout, text, upper)
-        plan = plan[(height // down // 2) * (width // down + 1):]  # the upper rows are given
+    layout, (width, height) = system.layout, image_size(system, task, width, height)
+    prefix, plan = task_tokens(system, task, prompt, width, height, ref, subject, dense_map)
     cfg, top_k, temperature = (system.defaults[name] if value is None else value for name, value in
                                (("cfg", cfg), ("top_k", top_k), ("temperature", temperature)))
     t0, uncond = time.time(), unconditional_ids(prefix, layout)  # uncond: the image block so far
@@ -301,15 +259,6 @@ def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=No
     stats["codes"] = torch.stack([ids_to_codes(uncond + row.tolist(), layout) for row in tokens.cpu()])
     pixels = system.codec.decode(stats["codes"].to(system.device)).float().cpu()  # the whole image, upper panel too
     return [tensor_to_pil(x) for x in pixels], stats
-
-
-def make_grid(images, columns=None):
-    """Paste equally sized images into rows of `columns` (default: one row)."""
-    columns, (w, h) = columns or len(images), images[0].size
-    grid = Image.new("RGB", (w * columns, h * -(-len(images) // columns)), "white")
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
 
 
 def edit_rounds(system, prompts, ref, *, num_samples=1, seed=0, **kwargs):
@@ -330,27 +279,6 @@ def edit_rounds(system, prompts, ref, *, num_samples=1, seed=0, **kwargs):
     return rounds, strips
 
 
-def save_outputs(args, rounds, strips, keep):
-    """Write the kept samples (each round's with several rounds, plus its strip), their lower panels and a grid."""
-    out, stem = Path(args.out), "".join(c if c.isalnum() else "_" for c in args.prompt[0].lower())[:40].strip("_")
-    out.mkdir(parents=True, exist_ok=True)
-    for j, i in enumerate(keep):
-        for k, (images, _) in enumerate(rounds):
-            images[i].save(path := out / f"{stem or 'sample'}_{args.task}_s{args.seed}_{j}"
-                                        f"{f'_r{k + 1}' if len(rounds) > 1 else ''}.png")
-            print(f"saved {path}")
-            if args.task != "t2i":
-                split_panels(images[i])[1].save(path.with_name(path.stem + "_lower.png"))
-        if len(rounds) > 1:  # the reference, then each round's result
-            strips[i].save(path := out / f"{stem or 'sample'}_{args.task}_s{args.seed}_{j}_strip.png")
-            print(f"saved {path}")
-    if len(keep) > 1:
-        shown = [(strips if len(rounds) > 1 else rounds[0][0])[i] for i in keep]
-        make_grid(shown, columns=1 if len(rounds) > 1 else None).save(
-            grid := out / f"{stem or 'sample'}_{args.task}_grid.png")
-        print(f"saved {grid}")
-
-
 def check_args(args):
     """Every flag, before anything loads or samples (docs/checkpoints.md §4): a ValueError or FileNotFoundError."""
     check_ranges(vars(args), positive=("num_samples", "best_of", "width", "height", "sjd_window"),
@@ -361,14 +289,13 @@ def check_args(args):
     check_device(args.device)
     check_out_dir(args.out, "--out")
     check_folder(args.ckpt, args.vq)
-    for flag in ("vq", "lora"):
-        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
-            raise FileNotFoundError(f"--{flag} {getattr(args, flag)} does not exist")
-    try:
-        if args.ref:  # exists and is an image: now, not after loading the model
-            load_reference(args.ref, OUR_SIZE, OUR_SIZE)
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"reference image {args.ref} is too large: {e}") from None
+    for flag, path in (("--vq", args.vq), ("--lora", args.lora)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path} does not exist")
+    if args.ref:  # exists and is an image: now, not after loading the model
+        load_reference(args.ref, OUR_SIZE, OUR_SIZE)
+    if len(args.prompt) > 1 and args.task != "edit":
+        raise ValueError(f"{len(args.prompt)} --prompt values are the rounds of a multi-round edit: add --task edit")
 
 
 def main(argv=None):
@@ -392,8 +319,6 @@ def main(argv=None):
     add_best_of_args(p)
     args = p.parse_args(argv)
     check_args(args)
-    if len(args.prompt) > 1 and args.task != "edit":
-        raise ValueError(f"{len(args.prompt)} --prompt values are the rounds of a multi-round edit: add --task edit")
     system = load_system_from_args(args)
     width, height = image_size(system, args.task, args.width, args.height)
     if args.best_of > 1:  # before sampling: a prompt the verifier cannot read fails now, not after
@@ -416,6 +341,7 @@ def main(argv=None):
                        for key in ("tokens", "seconds"))  # every sample drawn, those best-of-N drops included
     print(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)"
           + (f", {sum(stats['forward_passes'] for _, stats in rounds)} forward passes" if args.sjd else ""))
+
 
 if __name__ == "__main__":
     run_main(main)

@@ -19,8 +19,9 @@ import shapes
 import verify
 from bench import generate_uncached
 from best_of import edit_spec, make_scorer, think
-from sample import generate, logits_to_probs, make_grid, main, sample_images
+from sample import generate, logits_to_probs, main, sample_images
 from sequence import image_body_plan, image_header_ids, prompt_ids, stack_panels, t2i_prompt, unconditional_ids
+from tasks import make_grid
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = REPO / "assets" / "refs" / "scene.png"  # a purple square and a blue circle on white

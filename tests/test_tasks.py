@@ -12,8 +12,9 @@ import shapes
 import sjd
 import verify
 from best_of import verify_chain
-from sample import edit_rounds, generate, main, make_grid, sample_images
+from sample import edit_rounds, generate, main, sample_images
 from sequence import PAIR_TASKS, image_header_ids, pair_prompt, prompt_ids, stack_panels
+from tasks import make_grid
 from test_sample import SCENE, t2i_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
