@@ -69,11 +69,22 @@ def read_config(path, cls):
     return cls(**values)
 
 
+def finished_checkpoints(folder):
+    """train.py's checkpoints in a folder, oldest first: written under a .tmp name and renamed when whole."""
+    return sorted(p for p in Path(folder).glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def latest(folder):
+    """A train.py out_dir -> its newest finished checkpoint; any other folder as it is."""
+    runs = finished_checkpoints(folder) if Path(folder).is_dir() else []
+    return runs[-1] if runs else Path(folder)
+
+
 def check_folder(folder, codec=None):
     """Our checkpoint folder's parts agree (docs/checkpoints.md §4): tokenizer ids + codec codes = the model's
     vocab_size, else every image code would be read at the wrong offset; sampling.json holds numbers. `codec`:
     another codec folder. An official release (config.json) only needs a readable tokenizer here."""
-    folder = Path(folder)
+    folder = latest(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     text_ids = read_tokenizer(folder / "tokenizer.json").vocab_size

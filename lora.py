@@ -82,13 +82,14 @@ def save_adapters(folder, state_dict, config):
     checkpoint.save(folder, "lora", {k: v for k, v in state_dict.items() if k.endswith(ADAPTER_KEYS)}, config)
 
 
-def read_config(folder):
-    return checkpoint.read_config(Path(folder) / "lora.json", LoRAConfig)
+def read_config(folder):  # folder: adapters, or a train.py out_dir (its newest checkpoint)
+    return checkpoint.read_config(checkpoint.latest(folder) / "lora.json", LoRAConfig)
 
 
 def attach(model, folder, base_dtype=None):
     """The adapters of folder (lora.json + lora.safetensors) on `model`, loaded strictly. -> model"""
     add_lora(model, read_config(folder), base_dtype)
+    folder = checkpoint.latest(folder)
     adapters = {k: v for k, v in model.state_dict().items() if k.endswith(ADAPTER_KEYS)}
     checkpoint.load_into(adapters, [Path(folder) / "lora.safetensors"], f"adapters {folder}")
     return model

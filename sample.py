@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from best_of import add_best_of_args, make_scorer, pick_best, think
-from checkpoint import check_folder, read_config
+from checkpoint import check_folder, latest, read_config
 from configurator import ArgumentParser, check_device, check_out_dir, check_ranges, run_main
 from lora import attach as attach_lora, merge as merge_lora
 from model import Transformer
@@ -55,8 +55,7 @@ def load_system(ckpt=ASSETS, vq=None, device="cpu", dtype=torch.float32, quant=N
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
-    if runs := sorted(ckpt.glob("ckpt-*[0-9]")):  # a train.py out_dir: its latest finished checkpoint
-        ckpt = runs[-1]
+    ckpt = latest(ckpt)  # a train.py out_dir: its newest checkpoint
     tokenizer, defaults = Tokenizer.from_file(ckpt), dict(OFFICIAL_SAMPLING)
     if (ckpt / "config.json").is_file():  # official release: the codec is a separate download
         if vq is None or not Path(vq).exists():
@@ -330,6 +329,8 @@ def main(argv=None):
                    top_k=args.top_k, temperature=args.temperature, seed=args.seed, top_n_sigma=args.top_n_sigma,
                    sjd_window=args.sjd_window if args.sjd else 0, sjd_init=args.sjd_init,
                    sjd_residual=args.sjd_residual, compile=args.compile, progress=True)
+    if args.compile:  # torch.compile is silent while it works; say why the first steps take long
+        print("compiling the decode step, a graph per cache length (tens of seconds on a CPU)", flush=True)
     if len(prompts) > 1:
         rounds, strips = edit_rounds(system, prompts, args.ref, **options)
     else:
@@ -340,7 +341,8 @@ def main(argv=None):
     tokens, seconds = (sum(stats[key] * (len(images) if key == "tokens" else 1) for images, stats in rounds)
                        for key in ("tokens", "seconds"))  # every sample drawn, those best-of-N drops included
     print(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)"
-          + (f", {sum(stats['forward_passes'] for _, stats in rounds)} forward passes" if args.sjd else ""))
+          + (f", {sum(stats['forward_passes'] for _, stats in rounds)} forward passes" if args.sjd else "")
+          + (", compilation included" if args.compile else ""))
 
 
 if __name__ == "__main__":

@@ -171,16 +171,11 @@ def get_batch(data, step, micro_step, stream):
 
 # -----------------------------------------------------------------------------
 # model init: scratch, resume, or a checkpoint folder (ours: model.json; official: config.json)
-def finished_checkpoints(folder):
-    """Checkpoints are written under a .tmp name and renamed when whole, so only these are complete."""
-    return sorted(p for p in Path(folder).glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp"))
-
-
 iter_num, train_state = 0, None
 if init_from == "resume":
-    if not finished_checkpoints(out):
+    if not checkpoint.finished_checkpoints(out):
         raise FileNotFoundError(f"init_from=resume but {out} holds no checkpoint; start with init_from=scratch")
-    ckpt_dir = finished_checkpoints(out)[-1]
+    ckpt_dir = checkpoint.finished_checkpoints(out)[-1]
     log(f"resuming from {ckpt_dir}")
     if (ckpt_dir / "lora.json").is_file() != bool(lora_rank):
         raise ValueError(f"{ckpt_dir} was{'' if lora_rank else ' not'} trained with LoRA: resume with its lora_rank")
@@ -270,7 +265,7 @@ def save_checkpoint():
             shutil.copy2(f, tmp)           # `python sample.py --ckpt <folder>` needs no copying
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in finished_checkpoints(out)[:-keep_checkpoints]:
+    for old in checkpoint.finished_checkpoints(out)[:-keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     log(f"saved {final}")
 

@@ -30,6 +30,9 @@ RULES = [
     ("python train_vq.py", "--n_train=64 --max_steps=2 --eval_every=2 --ckpt_every=2 --batch_size=4 --mosaic=False", ""),
     ("python -m data.shapes.prepare", "--n=120 --eval_per_task=1", ""),
     ("python -m data.images.prepare", None, NO_WEIGHTS),
+    ("python -m data.shapes.prepare --codec=assets", "--n=120 --eval_per_task=1", ""),
+    ("python train.py config/finetune_lora_shapes.py", "--max_iters=2 --eval_interval=2 --eval_iters=1 "
+     "--batch_size=2 --checkpoint_interval=2 --warmup_iters=1", ""),
     ("python train.py config/train_shapes.py", "--max_iters=4 --eval_interval=2 --eval_iters=1 --batch_size=2 "
      "--checkpoint_interval=2 --warmup_iters=1", ""),
     ("python train.py", None, NO_WEIGHTS),

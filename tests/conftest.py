@@ -1,4 +1,7 @@
 """Shared test fixtures."""
+import os
+import signal
+
 import pytest
 import torch
 
@@ -38,3 +41,21 @@ def tiny_system(tiny_ckpt):
     """sample.load_system(tiny_ckpt): one copy for every test that samples from the tiny model."""
     from sample import load_system
     return load_system(tiny_ckpt)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def started_early(request, tmp_path_factory):
+    """Real processes that the selected test files need, started before the first test: a test module may
+    define start_early(folder) -> subprocess.Popen (in a session of its own). A new interpreter spends ~5 s
+    importing torch before it does anything; started here, that and the run itself go on beside the
+    in-process tests (2 cores: ~1 min off the suite). {module name: (folder, process)}; what is still
+    running at the end is killed."""
+    started = {}
+    for module in dict.fromkeys(getattr(item, "module", None) for item in request.session.items):
+        if hasattr(module, "start_early"):
+            folder = tmp_path_factory.mktemp(module.__name__)
+            started[module.__name__] = folder, module.start_early(folder)
+    yield started
+    for _, process in started.values():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

@@ -465,8 +465,9 @@ def processes(world, tmp_path_factory):
                           "--device", "cpu", "--out", str(root / "s")], "this tokenizer is not the model's"),
            "train.py": ([sys.executable, "train.py", f"--data_dir={world['data_torn']}", "--device=cpu",
                          "--model_name=tiny", f"--out_dir={root / 't'}"], "torn")}
-    runs = {name: (subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-                   message) for name, (cmd, message) in bad.items()}
+    nice = ["nice", "-n", "10"]  # so this process keeps its core: the in-process cases are the longer path
+    runs = {name: (subprocess.Popen(nice + cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE), message) for name, (cmd, message) in bad.items()}
     fifo = root / "late.png"
     os.mkfifo(fifo)
     line = json.dumps({"image": str(world["png"]), "caption": "a red picture"})
@@ -474,7 +475,7 @@ def processes(world, tmp_path_factory):
     (root / "m.jsonl").write_text("\n".join(lines) + "\n")
     argv = I + [f"--manifest={root / 'm.jsonl'}", f"--codec={world['ckpt']}", f"--tokenizer={world['tok']}",
                 f"--out_dir={root / 'prepare'}", "--workers=2", "--threads=1"]
-    prepare = subprocess.Popen([sys.executable, "-m", "data.images.prepare", *argv], cwd=REPO, env=env,
+    prepare = subprocess.Popen(nice + [sys.executable, "-m", "data.images.prepare", *argv], cwd=REPO, env=env,
                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     yield root, runs, prepare
     for proc, _ in runs.values():

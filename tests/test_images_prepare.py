@@ -46,8 +46,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("images"))
+
+
+def make_world(root):
     """Codec, tokenizer, images and a manifest with T2I lines, edge-task lines and three bad lines."""
-    root = tmp_path_factory.mktemp("images")
+    root.mkdir(exist_ok=True)
     torch.manual_seed(0)
     MoVQGAN(VQConfig.from_name("tiny")).save_pretrained(root / "vq")
     rng = np.random.default_rng(0)
@@ -164,37 +168,49 @@ def test_bad_lines_are_skipped_and_reported(world, built):
     assert before == {p.name: p.read_bytes() for p in out.iterdir()}
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a POSIX FIFO")
-def test_killed_run_resumes_to_the_same_shards(world, tmp_path):
+def killed_run_argv(folder):
+    """The killed run's settings: 12 lines of its own copy of the world, the 10th a FIFO no one writes."""
+    return [f"--manifest={folder / 'manifest.jsonl'}", f"--codec={folder / 'world/vq'}",
+            f"--tokenizer={folder / 'world/tok.json'}", "--target_size=128", "--chunk_size=2", "--val_fraction=0.25",
+            "--device=cpu"]
+
+
+def start_early(folder):
+    """The run to be killed, started by tests/conftest.py before the first test so that its three
+    interpreters' start-up (~12 s) goes on beside the other tests; niced, it takes the core this process
+    leaves. With 2 workers, in a session of its own; it cannot finish, as its 10th line blocks."""
+    root, rows, _ = make_world(folder / "world")
+    (folder / "kill").mkdir()
+    rows = [dict(r, image=str(root / r["image"]), **({"ref": str(root / r["ref"])} if "ref" in r else {}))
+            for r in rows[:10] + rows[-2:]]
+    rows.insert(9, {"image": "kill/late.png", "caption": "the image that arrives late"})
+    os.mkfifo(folder / "kill" / "late.png")
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(folder / "log.txt", "w") as log:
+        return subprocess.Popen(["nice", "-n", "10", sys.executable, "-m", "data.images.prepare",
+                                 *killed_run_argv(folder), f"--out_dir={folder / 'killed'}", "--workers=2"],
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_killed_run_resumes_to_the_same_shards(started_early, tmp_path):
     """A run with 2 workers is SIGKILLed (workers too) after its first part file appears, while it
     is certainly unfinished: one line's image is a FIFO no one writes, so its chunk blocks. After the
     FIFO becomes a real PNG, a rerun keeps the finished parts and its shards equal, byte for byte,
     those of an uninterrupted run (1 worker, so also independent of the worker count)."""
-    root, rows, _ = world
-    (tmp_path / "kill").mkdir()
-    rows = [dict(r, image=str(root / r["image"]), **({"ref": str(root / r["ref"])} if "ref" in r else {}))
-            for r in rows[:10] + rows[-2:]]
-    rows.insert(9, {"image": "kill/late.png", "caption": "the image that arrives late"})
-    os.mkfifo(tmp_path / "kill" / "late.png")
-    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = [f"--manifest={tmp_path / 'manifest.jsonl'}", f"--codec={root / 'vq'}", f"--tokenizer={root / 'tok.json'}",
-            "--target_size=128", "--chunk_size=2", "--val_fraction=0.25", "--device=cpu"]
-    killed = tmp_path / "killed"
-    with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "data.images.prepare", *argv, f"--out_dir={killed}", "--workers=2"],
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    folder, proc = started_early[__name__]
+    argv, killed = killed_run_argv(folder), folder / "killed"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not (killed / "parts" / "part-000000.pkl").exists():
-            assert proc.poll() is None, (tmp_path / "log.txt").read_text()
-            assert time.monotonic() < deadline, "no part file within 60 s"
+            assert proc.poll() is None, (folder / "log.txt").read_text()
+            assert time.monotonic() < deadline, "no part file within 120 s"
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the script and its pool
         proc.wait()
     assert not (killed / "meta.json").exists() and not (killed / "parts" / "part-000004.pkl").exists()
-    os.remove(tmp_path / "kill" / "late.png")
-    picture(np.random.default_rng(1), 200, 150).save(tmp_path / "kill" / "late.png")
+    os.remove(folder / "kill" / "late.png")
+    picture(np.random.default_rng(1), 200, 150).save(folder / "kill" / "late.png")
     log = StringIO()
     with redirect_stdout(log):
         prepare.main(argv + [f"--out_dir={killed}"])

@@ -4,8 +4,6 @@ edit's expected result (or refuses before sampling); --think degrades gracefully
 import http.server
 import json
 import random
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import sample
 import shapes
 import verify
 from bench import generate_uncached
+from configurator import run_main
 from best_of import edit_spec, make_scorer, think
 from sample import generate, logits_to_probs, main, sample_images
 from sequence import image_body_plan, image_header_ids, prompt_ids, stack_panels, t2i_prompt, unconditional_ids
@@ -206,12 +205,14 @@ def test_bad_input_is_one_line(tiny_ckpt, tmp_path, args, error, message):
     assert [p.name for p in tmp_path.glob("*.png")] == ["corrupt.png"]  # nothing written
 
 
-def test_missing_checkpoint_is_one_line_without_traceback(tmp_path):
-    """The one real process: the __main__ handler turns the error into one line, no traceback."""
-    proc = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_missing_checkpoint_is_one_line_without_traceback(tmp_path, capsys):
+    """The __main__ handler (configurator.run_main) turns the error into one line, no traceback; sample.py
+    as a real process: tests/test_bad_input.py."""
+    with pytest.raises(SystemExit) as e:
+        run_main(main, ["--ckpt", str(tmp_path / "nope"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and "does not exist" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_writes_samples_and_grid(tiny_ckpt, tmp_path, capsys):
