@@ -6,7 +6,8 @@
 #   2. train: trains the shapes model from assets/ on it for the rest of the budget (train.py, a checkpoint
 #             about every minute and one at the wall-clock stop, --max_minutes), then packs the last
 #             checkpoint in fp16 for the trip back;
-#   3. bench: times 7B decode (random weights, bf16) at 768x768 with bench.py's variants, one call each (with
+#   3. bench: a 768x768 7B image end to end (bench.py --end_to_end: seconds per image, peak memory, floor),
+#             then 7B decode (random weights, bf16) at 768x768 with bench.py's variants, one call each (with
 #             static beside it) so a cut run keeps the others, with the copy bandwidth each call measures;
 #   4. tests: runs the CUDA-only tests (pytest -k cuda; they skip without CUDA).
 # A stage that fails is logged and the next one runs; a summary is printed at the end.
@@ -21,7 +22,8 @@
 #   python eval.py --ckpt out/weights --vq assets  # the codec stays home: it would not fit in 8 files
 # Bulk (shards, fp32 checkpoints with optimizer state) goes to WORK_DIR (default OUT_DIR/work/run, deeper
 # than a device call brings back).
-# Settings by environment: BUDGET_S, DATA_N, SEED, WORKERS, DATA_DEVICE, BENCH_S, TESTS_S, BENCH_VARIANTS.
+# Settings by environment: BUDGET_S, DATA_N, SEED, WORKERS, DATA_DEVICE, BENCH_S, TESTS_S, BENCH_VARIANTS,
+# E2E_VARIANTS.
 set -u
 if [[ $# -lt 1 || $1 == -* ]]; then
     sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'
@@ -41,7 +43,8 @@ SEED=${SEED:-1000}
 STEPS_PER_S=15  # the shapes model at batch 128 on one H200: 58 ms/step (README.md, "Training on one H200")
 if [[ $DRY_RUN == 1 ]]; then
     BUDGET_S=${BUDGET_S:-90} DATA_S=${DATA_S:-40} DATA_N=${DATA_N:-16} WORKERS=${WORKERS:-1}
-    DATA_DEVICE=${DATA_DEVICE:-cpu} BENCH_S=${BENCH_S:-20} TESTS_S=${TESTS_S:-20} BENCH_VARIANTS=${BENCH_VARIANTS:-sjd}
+    DATA_DEVICE=${DATA_DEVICE:-cpu} BENCH_S=${BENCH_S:-30} TESTS_S=${TESTS_S:-20} BENCH_VARIANTS=${BENCH_VARIANTS:-sjd}
+    E2E_VARIANTS=${E2E_VARIANTS:-static,lean}
     TRAIN_MINUTES=0.03  # the wall-clock stop ends the run, as on the GPU
     TRAIN_ARGS=(--device=cpu --batch_size=2 --checkpoint_interval=2 --eval_interval=1000 --log_interval=1)
     BENCH_ARGS=(--model tiny --device cpu --threads 1 --steps 4)
@@ -49,8 +52,9 @@ if [[ $DRY_RUN == 1 ]]; then
 else
     # ~22 examples/s per core (this repo's CPU): 32k on 16 cores in ~90 s; a worker cut by DATA_S writes nothing
     BUDGET_S=${BUDGET_S:-480} DATA_S=${DATA_S:-150} DATA_N=${DATA_N:-32000} WORKERS=${WORKERS:-$(nproc)}
-    DATA_DEVICE=${DATA_DEVICE:-cpu} BENCH_S=${BENCH_S:-150} TESTS_S=${TESTS_S:-45}
+    DATA_DEVICE=${DATA_DEVICE:-cpu} BENCH_S=${BENCH_S:-240} TESTS_S=${TESTS_S:-45}
     BENCH_VARIANTS=${BENCH_VARIANTS:-compile,compile+int4,sjd}
+    E2E_VARIANTS=${E2E_VARIANTS:-lean,compile,compile+int4,compile+int4+sjd}
     TRAIN_ARGS=(--device=cuda --batch_size=128 --checkpoint_interval=$((60 * STEPS_PER_S))
                 --eval_interval=$((60 * STEPS_PER_S)) --eval_iters=20 --log_interval=100)
     BENCH_ARGS=(--model 7B --device cuda --dtype bfloat16 --size 768 --steps 64)
@@ -123,6 +127,9 @@ Transformer.load(sys.argv[1]).half().save_pretrained(sys.argv[2])" "$ckpt" "$WOR
 
 bench_stage() {
     local end=$((SECONDS + BENCH_S)) v
+    # first the headline: seconds per whole image from step times at every cache length (issue 24)
+    timeout --kill-after=10 $((BENCH_S / 2)) python bench.py "${BENCH_ARGS[@]}" --end_to_end \
+        --variants "$E2E_VARIANTS" --json "$WORK/bench/end_to_end.json" || echo "bench end_to_end ended with $?"
     for v in ${BENCH_VARIANTS//,/ }; do  # static in every call: its speed-up column, and it costs little
         ((end - SECONDS > 5)) || { echo "bench $v: out of time"; continue; }
         timeout --kill-after=10 $((end - SECONDS)) python bench.py "${BENCH_ARGS[@]}" --variants "static,$v" \
@@ -133,9 +140,10 @@ import json, sys
 from pathlib import Path
 records = {Path(p).stem: json.loads(Path(p).read_text()) for p in sys.argv[2:]}
 Path(sys.argv[1]).write_text(json.dumps(records, indent=1))
-for variant, r in records.items():
-    row = {k: f"{v:.3g}" for k, v in r["variants"][variant].items() if isinstance(v, float)}
-    print(f"{variant}: {row}, copy bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s")
+for call, r in records.items():
+    for variant, result in r["variants"].items():
+        if row := {k: f"{v:.3g}" for k, v in result.items() if isinstance(v, float)}:
+            print(f"{call}/{variant}: {row}, copy bandwidth {r['copy_bandwidth_gb_s']:.0f} GB/s")
 EOF
 }
 

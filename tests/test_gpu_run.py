@@ -51,6 +51,8 @@ def test_outputs(dry_run):
     assert len(offsets) - 1 == meta["counts"]["train"] > 0 and meta["settings"]["seed"] != [0]
     bench = json.loads((out / "bench.json").read_text())
     assert bench["sjd"]["copy_bandwidth_gb_s"] > 0 and bench["sjd"]["variants"]["sjd"]["ms_per_step"] > 0
+    timed = [r for r in bench["end_to_end"]["variants"].values() if "skipped" not in r]  # static, lean
+    assert len(timed) == 2 and all(r["seconds_per_image"] > r["floor_s"] > 0 for r in timed)
     returned = [p for p in out.rglob("*") if p.is_file() and len(p.relative_to(out).parts) <= 3]
     assert len(returned) <= RETURNED and all(p.stat().st_size < 16 * 2**20 for p in returned), returned
     parts = sorted(out.glob("weights.tar.*"))
