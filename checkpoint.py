@@ -93,10 +93,11 @@ def check_folder(folder, codec=None):
     if not (folder / "model.json").is_file():
         raise FileNotFoundError(f"{folder} has neither model.json (ours) nor config.json (official): not a checkpoint")
     model_vocab, codec = _int_field(folder / "model.json", "vocab_size"), Path(codec or folder)
+    # a codec file (an official .ckpt) has no vq.json to read; its size is checked when it loads
     if codec.is_dir() and text_ids + (codes := _int_field(codec / "vq.json", "n_embed")) != model_vocab:
         raise ValueError(f"{folder}: tokenizer.json has {text_ids} ids + the codec's {codes} codes = "
                          f"{text_ids + codes}, but the model's vocab_size is {model_vocab}: this tokenizer is not "
-                         "the model's; copy the tokenizer.json of the data it was trained on")  # a codec file (.ckpt): no vq.json to read
+                         "the model's; copy the tokenizer.json of the data it was trained on")
     sampling = read_json(folder / "sampling.json") if (folder / "sampling.json").is_file() else {}
     if not isinstance(sampling, dict) or any(k not in SAMPLING_KEYS or type(v) not in (int, float)
                                              for k, v in sampling.items()):

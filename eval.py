@@ -38,7 +38,8 @@ def load_rows(path, limit=0):
     """Prompt-set rows; a task row's "ref" is relative to the JSONL's folder. limit: rows per category."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt set {path} does not exist; `python -m data.shapes.prepare` writes one beside its shards, shapes.write_eval_set anywhere")
+        raise FileNotFoundError(f"prompt set {path} does not exist; `python -m data.shapes.prepare` writes one beside "
+                                "its shards, shapes.write_eval_set(folder) anywhere")
     try:
         rows = shapes.read_prompt_set(path)
     except ValueError as e:  # bad JSON or bad UTF-8
@@ -141,8 +142,9 @@ def report(rows, columns):
     table, counts = {}, {c: sum(r["category"] == c for r in rows) for c in ROW_CATEGORIES}
     for label, block in BLOCKS.items():
         if present := [c for c in block if counts[c]]:
+            rows_hits = [(c, {name: col[c] for name, col in columns.items()}) for c in present]
             pooled = {name: sum((list(col[c]) for c in present), []) for name, col in columns.items()}
-            for key, hits in [(c, {name: col[c] for name, col in columns.items()}) for c in present] + [(label, pooled)]:
+            for key, hits in rows_hits + [(label, pooled)]:
                 table[key] = {"prompts": counts.get(key, sum(counts[c] for c in present))}
                 for name, h in hits.items():
                     table[key] |= {name: float(np.mean(h)), f"{name} ci": wilson(h)}

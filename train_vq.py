@@ -74,7 +74,7 @@ if warmup_steps > max_steps:
 # -----------------------------------------------------------------------------
 # data: uint8 renders drawn once; step s draws from a generator seeded with (seed, s), so resume is exact
 torch.set_num_threads(threads or torch.get_num_threads())
-train_x, eval_x = (torch.from_numpy(codec_training_images(n, image_size, s, progress=True)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+train_x, eval_x = (torch.from_numpy(codec_training_images(n, image_size, s, progress=True)).permute(0, 3, 1, 2)
                    for n, s in ((n_train, seed), (n_eval, eval_seed)))
 MOSAICS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (rows, cols) of panels: GroupNorm statistics span the whole image
 STEP_SEED_STRIDE = 1_000_003  # the generator of step s is seeded with seed * STEP_SEED_STRIDE + s

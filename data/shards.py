@@ -56,7 +56,8 @@ def load_shards(folder, split, meta=None):
     if not len(ids) == len(mask) == offsets[-1]:
         raise ValueError(f"{folder}/{split} is torn: offsets end at {offsets[-1]}, {len(ids)} ids, {len(mask)} mask")
     counts = (meta or {}).get("counts", {})  # examples per split, and tokens per split
-    if counts.get(split, len(offsets) - 1) != len(offsets) - 1 or counts.get("tokens", {}).get(split, len(ids)) != len(ids):
+    examples, tokens = len(offsets) - 1, len(ids)
+    if counts.get(split, examples) != examples or counts.get("tokens", {}).get(split, tokens) != tokens:
         raise ValueError(f"{folder}/meta.json does not match the {split} shard ({len(offsets) - 1} examples, "
                          f"{len(ids)} tokens): they come from two builds; prepare the data again")
     return ids, mask, offsets

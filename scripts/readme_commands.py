@@ -27,7 +27,8 @@ RULES = [
     ("pip install", None, "the install: CI has just run it"),
     ("python -m pytest", None, "the test suite: CI has just run it"),
     ("python -c", None, "a load generator for the busy-machine measurement"),
-    ("python train_vq.py", "--n_train=64 --max_steps=2 --eval_every=2 --ckpt_every=2 --batch_size=4 --mosaic=False", ""),
+    ("python train_vq.py", "--n_train=64 --max_steps=2 --eval_every=2 --ckpt_every=2 --batch_size=4 "
+     "--mosaic=False", ""),
     ("python -m data.shapes.prepare", "--n=120 --eval_per_task=1", ""),
     ("python -m data.images.prepare", None, NO_WEIGHTS),
     ("python -m data.shapes.prepare --codec=assets", "--n=120 --eval_per_task=1", ""),

@@ -37,7 +37,8 @@ SETTINGS = dict(  # --key=value; --help lists them
     tokenizer="",  # tokenizer.json to use; default: out_dir/tokenizer.json, trained if absent
     n=60000, val_fraction=0.02, out_dir="data/shapes", seed=0,  # n: examples in all, train + val
     size=W.PANEL, vocab_size=1024,  # panel side in pixels (a multiple of 32); a new tokenizer's text vocabulary
-    mix=DEFAULT_MIX, eval_per_task=W.EVAL_PER_CATEGORY,  # kind=weight,... over the categories and task families; eval pairs a task
+    mix=DEFAULT_MIX,  # kind=weight,... over the categories and task families
+    eval_per_task=W.EVAL_PER_CATEGORY,  # eval pairs a task
     batch_size=64, threads=0,  # images per codec call; torch CPU threads (0: torch's default)
     device="cuda" if torch.cuda.is_available() else "cpu",
     force=False)  # rebuild even if meta.json says the shards are current
