@@ -14,6 +14,7 @@ Run:
       train.py config/train_7b_stage1.py                                            # multi-node
 Distributed means plain DDP, or FSDP2 (`parallel="fsdp"`) for 2B/7B (docs/training.md §3).
 """
+import json
 import os
 import shutil
 import signal
@@ -29,11 +30,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader
 
 import checkpoint
 import lora
 from configurator import check_device, check_out_dir, check_ranges, configure, excepthook, warn
-from data.shards import load_shards
+from data.shards import load_kinds, load_shards
 from model import Block, ModelConfig, Transformer, compute_loss, cpu_has_fast_bf16, estimate_mfu, lr_schedule
 
 # -----------------------------------------------------------------------------
@@ -41,6 +43,9 @@ from model import Block, ModelConfig, Transformer, compute_loss, cpu_has_fast_bf
 out_dir = "out/shapes"
 init_from = "scratch"        # "scratch" | "resume" (latest checkpoint in out_dir) | a checkpoint folder
 data_dir = "data/shapes"
+data_stream = False          # fresh shapes examples, never one twice (data/shapes/prepare.py Stream); val: the shards
+data_mix = ""                # with data_stream: kind=weight,... (default: the mix the shards were built with)
+stream_workers = 1           # processes drawing the streamed examples (0: the training process itself)
 model_name = "shapes"        # a ModelConfig preset; vocab_size comes from the data's meta.json
 max_seq_len = 0              # 0: the preset's; stage 3 (768 px) needs > 9,316 tokens
 batch_size = 16              # sequences per micro-batch per process
@@ -88,7 +93,8 @@ check_ranges(config, positive=("batch_size", "length_buckets", "gradient_accumul
                                 "eval_iters", "log_interval", "checkpoint_interval", "keep_checkpoints",
                                 "max_bad_steps", "learning_rate", "grad_clip"),
              non_negative=("max_seq_len", "max_iters", "min_lr", "warmup_iters", "lr_decay_iters", "weight_decay",
-                           "z_loss_weight", "max_minutes", "threads", "seed"), fraction=("dropout", "beta1", "beta2"))
+                           "z_loss_weight", "max_minutes", "threads", "seed", "stream_workers"),
+             fraction=("dropout", "beta1", "beta2"))
 if parallel not in ("ddp", "fsdp"):
     raise ValueError(f"parallel={parallel!r}: expected 'ddp' or 'fsdp'")
 if dtype not in ("auto", "float32", "bfloat16"):
@@ -104,7 +110,9 @@ for problem, applies in ((f"warmup_iters={warmup_iters} > max_iters={max_iters}:
                           warmup_iters > max_iters),
                          (f"min_lr={min_lr} > learning_rate={learning_rate}", min_lr > learning_rate),
                          ("parallel='fsdp' without torchrun: one process, nothing sharded",
-                          parallel == "fsdp" and "RANK" not in os.environ)):
+                          parallel == "fsdp" and "RANK" not in os.environ),
+                         ("data_mix is set but data_stream is off: the shards' mix is fixed",
+                          bool(data_mix) and not data_stream)):
     if applies:
         warn(problem)
 
@@ -155,18 +163,38 @@ if not isinstance(data_meta, dict) or type(data_meta.get("vocab_size")) is not i
 data_vocab = data_meta["vocab_size"]
 
 
+def pad_batch(seqs):
+    """[(ids, loss_mask)] -> inputs, targets, mask aligned with targets: (B, T - 1) each, right-padded."""
+    limit = model.config.max_seq_len + 1  # official: truncate to the context length
+    x = pad_sequence([torch.from_numpy(np.asarray(s[:limit], np.int64)) for s, _ in seqs], batch_first=True)
+    m = pad_sequence([torch.from_numpy(np.asarray(ms[:limit], np.float32)) for _, ms in seqs], batch_first=True)
+    x, m = x.to(device), m.to(device)  # (B, T)
+    return x[:, :-1], x[:, 1:], m[:, 1:]
+
+
+def rows_batch(data, rows):
+    ids, mask, offsets, _ = data
+    return pad_batch([(ids[offsets[r]:offsets[r + 1]], mask[offsets[r]:offsets[r + 1]]) for r in rows])
+
+
 def get_batch(data, step, micro_step, stream):
     """The batch is a pure function of (seed, stream, step, global micro-batch index): resuming at a
     step reproduces the data exactly, and N ranks x 1 micro-batch see what 1 rank x N micro-batches see."""
-    ids, mask, offsets, buckets = data
+    buckets = data[3]
     rng = np.random.default_rng([seed, stream, step, micro_step * world_size + rank])
     bucket = buckets[rng.integers(len(buckets))]
-    rows = bucket[rng.integers(0, len(bucket), size=batch_size)]
-    limit = model.config.max_seq_len + 1  # official: truncate to the context length
-    seqs = [(ids[offsets[r]:offsets[r + 1]][:limit], mask[offsets[r]:offsets[r + 1]][:limit]) for r in rows]
-    x = pad_sequence([torch.from_numpy(s.astype(np.int64)) for s, _ in seqs], batch_first=True).to(device)  # (B, T)
-    m = pad_sequence([torch.from_numpy(ms.astype(np.float32)) for _, ms in seqs], batch_first=True).to(device)
-    return x[:, :-1], x[:, 1:], m[:, 1:]  # inputs, targets, mask aligned with targets: (B, T - 1) each
+    return rows_batch(data, bucket[rng.integers(0, len(bucket), size=batch_size)])
+
+
+def fresh_batches(start_iter):
+    """With data_stream: the micro-batches of steps start_iter.. in order, each a pure function of its
+    global index (so resuming at a step repeats the data, and no example appears twice), drawn ahead by
+    stream_workers processes."""
+    from data.shapes.prepare import Stream  # the shapes world: only a streaming run needs it
+    order = ((step * gradient_accumulation_steps + micro) * world_size + rank
+             for step in range(start_iter, max_iters) for micro in range(gradient_accumulation_steps))
+    stream = Stream(data_dir, data_mix, batch_size, seed)
+    return iter(DataLoader(stream, batch_size=None, sampler=order, num_workers=stream_workers, collate_fn=list))
 
 
 # -----------------------------------------------------------------------------
@@ -216,6 +244,10 @@ log(f"model: {n_params / 1e6:.2f}M parameters, {model.config}; {device}, {dtype}
 if lora_rank:
     log(f"LoRA: {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable, {lora_config}")
 train_data, val_data = load_split("train"), load_split("val")  # after the checkpoint: a bad one fails first
+val_kinds = load_kinds(data_dir, "val", data_meta)  # per-kind val loss, where the data labels its examples
+kind_rows = {} if val_kinds is None else {kind: np.flatnonzero(val_kinds == kind)[:batch_size]
+                                          for kind in data_meta["kinds"] if kind in val_kinds}
+fresh = fresh_batches(iter_num) if data_stream else None
 
 if activation_checkpointing:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
@@ -272,12 +304,27 @@ def save_checkpoint():
 
 @torch.no_grad()
 def estimate_val_loss():
+    """(mean loss of eval_iters fixed val batches, {kind: loss of the first batch_size val examples of that
+    kind}): the same examples at every evaluation, so the curves compare (docs/training.md §1)."""
     model.eval()
     with autocast:
         losses = [compute_loss(model(x), y, m).item()
                   for x, y, m in (get_batch(val_data, k, 0, VAL_STREAM) for k in range(eval_iters))]
+        per_kind = {kind: compute_loss(model(x), y, m).item()
+                    for kind, (x, y, m) in ((kind, rows_batch(val_data, rows)) for kind, rows in kind_rows.items())}
     model.train()
-    return float(np.mean(losses))
+    return float(np.mean(losses)), per_kind
+
+
+def log_val_loss():
+    """Prints the val losses and appends them to out_dir/val.jsonl, the curve against examples seen."""
+    loss, per_kind = estimate_val_loss()
+    log(f"step {iter_num}: val loss {loss:.4f}" + "".join(f", {k} {v:.3f}" for k, v in per_kind.items()))
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        seen = iter_num * batch_size * gradient_accumulation_steps * world_size
+        with open(out / "val.jsonl", "a") as f:
+            f.write(json.dumps({"step": iter_num, "examples": seen, "val_loss": loss, "per_kind": per_kind}) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -290,14 +337,14 @@ bad_steps, t_last, tokens_since = 0, time.time(), 0
 t_start, start_iter = time.time(), iter_num
 while iter_num < max_iters and not stop_requested:
     if iter_num % eval_interval == 0 and iter_num > 0:
-        log(f"step {iter_num}: val loss {estimate_val_loss():.4f}")
+        log_val_loss()
     lr = lr_schedule(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
     torch.manual_seed(seed + DROPOUT_SEED_STRIDE * iter_num + rank)  # a resumed run repeats the dropout masks
     loss_sum = 0.0
     for micro_step in range(gradient_accumulation_steps):
-        x, y, m = get_batch(train_data, iter_num, micro_step, TRAIN_STREAM)
+        x, y, m = pad_batch(next(fresh)) if data_stream else get_batch(train_data, iter_num, micro_step, TRAIN_STREAM)
         sync = micro_step == gradient_accumulation_steps - 1
         context = train_model.no_sync() if ddp and parallel == "ddp" and not sync else nullcontext()
         if ddp and parallel == "fsdp":

@@ -1,6 +1,7 @@
 """Token shards, the files between data/*/prepare.py and train.py (docs/tokens.md §7). Per split:
 {split}.ids.bin (int32 tokens), {split}.mask.bin (uint8 loss mask), {split}.offsets.npy (int64 [N + 1],
-example k is tokens offsets[k]:offsets[k + 1]); meta.json beside them holds the token layout."""
+example k is tokens offsets[k]:offsets[k + 1]), optionally {split}.kinds.npy (uint8 [N], each example's kind
+as an index into meta.json's "kinds"); meta.json beside them holds the token layout."""
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,20 @@ class ShardWriter:
     def __init__(self, folder, split):
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.files, self.offsets = [open(Path(folder) / f"{split}.{name}.tmp", "wb") for name in FILES], [0]
+        self.kinds, self.kinds_path = [], Path(folder) / f"{split}.kinds.npy"
 
-    def add(self, ids, mask):  # a length mismatch shows as a torn shard in load_shards
+    def add(self, ids, mask, kind=None):  # a length mismatch shows as a torn shard in load_shards
         for f, dtype, values in zip(self.files, FILES.values(), (ids, mask)):
             f.write(np.asarray(values, dtype).tobytes())
         self.offsets.append(self.offsets[-1] + len(ids))
+        self.kinds.append(kind)
 
     def close(self):
+        self.kinds_path.unlink(missing_ok=True)  # a previous build's labels never describe this one
+        if self.kinds and None not in self.kinds:
+            with open(f"{self.kinds_path}.tmp", "wb") as f:
+                np.save(f, np.asarray(self.kinds, np.uint8))
+            Path(f.name).replace(self.kinds_path)
         np.save(self.files[-1], np.asarray(self.offsets, FILES["offsets.npy"]))
         for f in self.files:
             f.close()
@@ -61,6 +69,17 @@ def load_shards(folder, split, meta=None):
         raise ValueError(f"{folder}/meta.json does not match the {split} shard ({len(offsets) - 1} examples, "
                          f"{len(ids)} tokens): they come from two builds; prepare the data again")
     return ids, mask, offsets
+
+
+def load_kinds(folder, split, meta):
+    """Each example's kind name in one split, or None where the data carries no labels (ShardWriter.add kind)."""
+    path = Path(folder) / f"{split}.kinds.npy"
+    if not path.exists() or "kinds" not in meta:
+        return None
+    kinds = np.load(path)
+    if len(kinds) != meta.get("counts", {}).get(split, len(kinds)) or kinds.max(initial=0) >= len(meta["kinds"]):
+        raise ValueError(f"{path} does not match {folder}/meta.json; prepare the data again")
+    return np.asarray(meta["kinds"])[kinds]
 
 
 def read_meta(folder):

@@ -24,12 +24,13 @@ import sequence as S
 import shapes as W
 from checkpoint import atomic_write, read_tokenizer
 from configurator import check_device, check_out_dir, check_ranges, configure, run_main
-from data.shards import ShardWriter, remove_temp_files
+from data.shards import ShardWriter, read_meta, remove_temp_files
 from vq import MoVQGAN, pil_to_tensor
 
-KINDS = W.CATEGORIES + W.TASK_FAMILIES + W.EXTRA_TASKS  # EXTRA_TASKS only when --mix names them
-# 60% T2I, 40% tasks: the paper gives no multi-task proportions; these keep T2I, the headline, first.
-DEFAULT_MIX = ",".join([f"{c}=0.1" for c in W.CATEGORIES] + [f"{t}=0.08" for t in W.TASK_FAMILIES])
+KINDS = W.CATEGORIES + W.TASK_FAMILIES + ("pair",) + W.EXTRA_TASKS  # EXTRA_TASKS only when --mix names them
+# ~57% T2I, 38% tasks, 5% image pairs (edge/depth/dense map drawn from text): the paper gives no multi-task
+# proportions; these keep T2I, the headline, first.
+DEFAULT_MIX = ",".join([f"{c}=0.1" for c in W.CATEGORIES] + [f"{t}=0.08" for t in W.TASK_FAMILIES] + ["pair=0.05"])
 UNSIZED_T2I = 0.1  # official pre_tokenize: 10% of T2I prompts omit "of {w}x{h}" (docs/tokens.md §5)
 TOKENIZER_SAMPLE = 5000  # examples whose prompts train the tokenizer; the prompt language is small
 SETTINGS = dict(  # --key=value; --help lists them
@@ -62,18 +63,55 @@ def val_count(n, val_fraction):  # examples in the val split: the last of the n
 
 
 def example(i, seed, mix, size):
-    """Example i: (prompt text, PIL image: one panel for T2I, upper over lower for tasks, drop_text)."""
+    """Example i: (kind, prompt text, PIL image: one panel for T2I, upper over lower otherwise, drop_text)."""
     rng = random.Random(f"{seed}-{i}")
     kind = rng.choices(list(mix), weights=list(mix.values()))[0]
     if kind in W.CATEGORIES:
         image, spec = W.make_t2i(rng, kind, size=size)
         text = S.t2i_prompt(spec["prompt"], *(() if rng.random() < UNSIZED_T2I else (size, size)))
+        return kind, text, image, rng.random() < S.CFG_DROP_PROB
+    if kind == "pair":  # both panels from the text alone: the official image-pair mode (docs/tokens.md §5)
+        task = rng.choice(S.PAIR_TASKS)
+        upper, lower, spec = W.make_pair(rng, task, size=size)
+        text = S.pair_prompt(task, spec["prompt"], size, 2 * size)
     else:
         upper, lower, spec = W.make_task(rng, kind, size=size)
-        image = S.stack_panels(upper, lower)
         text = S.task_prompt(kind, spec["prompt"], size, 2 * size, subject=spec.get("subject"),
                              dense_map=spec.get("dense_map"))
-    return text, image, rng.random() < S.CFG_DROP_PROB
+    return kind, text, S.stack_panels(upper, lower), rng.random() < S.CFG_DROP_PROB
+
+
+def encode_examples(batch, codec, tokenizer, layout, device):
+    """[(kind, text, image, drop_text)] -> [(ids, loss_mask)], one codec call per image size."""
+    codes = {}
+    for size in {image.size for _, _, image, _ in batch}:
+        idx = [k for k, (_, _, image, _) in enumerate(batch) if image.size == size]
+        x = torch.stack([pil_to_tensor(batch[k][2]) for k in idx]).to(device)  # (B, 3, H, W)
+        with torch.no_grad():
+            codes.update(zip(idx, codec.encode(x).cpu()))
+    return [S.make_example(tokenizer, layout, text, codes[k], drop_text=drop)
+            for k, (_, text, _, drop) in enumerate(batch)]
+
+
+class Stream(torch.utils.data.Dataset):
+    """Fresh examples for train.py's data_stream (docs/training.md §1): item j is the j-th micro-batch,
+    `batch_size` examples each drawn from its own seed ("stream<seed>", index), so no example is ever
+    seen twice and a resumed run sees the same data. The codec loads on first use: a DataLoader worker
+    holds its own. Val stays the shards' fixed split."""
+    def __init__(self, folder, mix, batch_size, seed):
+        meta, self.layout = read_meta(folder)
+        if not isinstance(meta.get("settings"), dict) or not Path(meta.get("codec", "")).exists():
+            raise ValueError(f"data_stream needs {folder} built by data/shapes/prepare.py with its codec at hand "
+                             f"(meta.json codec: {meta.get('codec')!r}); rebuild it or turn data_stream off")
+        self.mix, self.size = parse_mix(mix or meta["settings"]["mix"]), meta["settings"]["size"]
+        self.tokenizer, self.codec_path = read_tokenizer(Path(folder) / meta["tokenizer"]), meta["codec"]
+        self.batch_size, self.seed, self.codec = batch_size, f"stream{seed}", None
+
+    def __getitem__(self, j):
+        if self.codec is None:
+            self.codec = MoVQGAN.from_pretrained(self.codec_path).eval()
+        batch = [example(j * self.batch_size + k, self.seed, self.mix, self.size) for k in range(self.batch_size)]
+        return encode_examples(batch, self.codec, self.tokenizer, self.layout, "cpu")
 
 
 def fingerprint(path):
@@ -92,14 +130,9 @@ def write_shards(out, args, mix, tokenizer, layout, codec):
     n_val, writers = val_count(args.n, args.val_fraction), {s: ShardWriter(out, s) for s in ("train", "val")}
     for start in tqdm(range(0, args.n, args.batch_size), desc="batches"):
         batch = [example(i, args.seed, mix, args.size) for i in range(start, min(start + args.batch_size, args.n))]
-        codes = {}
-        for size in {im.size for _, im, _ in batch}:
-            idx = [k for k, (_, im, _) in enumerate(batch) if im.size == size]
-            x = torch.stack([pil_to_tensor(batch[k][1]) for k in idx]).to(args.device)  # (B, 3, H, W)
-            codes.update(zip(idx, codec.encode(x).cpu()))
-        for k, (text, _, drop) in enumerate(batch):
+        for k, (ids, mask) in enumerate(encode_examples(batch, codec, tokenizer, layout, args.device)):
             split = "val" if start + k >= args.n - n_val else "train"
-            writers[split].add(*S.make_example(tokenizer, layout, text, codes[k], drop_text=drop))
+            writers[split].add(ids, mask, kind=KINDS.index(batch[k][0]))
     for w in writers.values():
         w.close()
     return {s: len(w.offsets) - 1 for s, w in writers.items()}, {s: w.offsets[-1] for s, w in writers.items()}
@@ -131,7 +164,7 @@ def main(argv=None):
     if args.tokenizer and Path(args.tokenizer).resolve() != tok_path.resolve():
         shutil.copyfile(args.tokenizer, tok_path)
     if not tok_path.exists():
-        texts = [example(i, args.seed, mix, args.size)[0] for i in tqdm(range(min(args.n, TOKENIZER_SAMPLE)))]
+        texts = [example(i, args.seed, mix, args.size)[1] for i in tqdm(range(min(args.n, TOKENIZER_SAMPLE)))]
         S.train_tokenizer(texts + [s["prompt"] for s in W.eval_t2i_specs()], str(tok_path), args.vocab_size)
     settings = {k: getattr(args, k) for k in ("n", "size", "val_fraction", "mix", "seed", "eval_per_task")}
     settings.update(codec_sha256=fingerprint(args.codec), tokenizer_sha256=fingerprint(tok_path))
@@ -147,7 +180,7 @@ def main(argv=None):
     elapsed = time.time() - t0
     tasks = W.TASK_FAMILIES + tuple(t for t in W.EXTRA_TASKS if t in mix)  # an extra task is judged when trained
     specs = W.write_eval_set(out, args.eval_per_task, args.size, tasks)  # the held-out eval set (docs/shapes.md §6)
-    meta = {"vocab_size": layout.vocab_size, "layout": layout.to_dict(), "tokenizer": "tokenizer.json",
+    meta = {"vocab_size": layout.vocab_size, "layout": layout.to_dict(), "tokenizer": "tokenizer.json", "kinds": KINDS,
             "codec": str(args.codec), "counts": dict(counts, tokens=tokens, eval_prompts=len(specs)),
             "panel": args.size, "settings": settings}
     atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta, indent=1)))  # last: the build is whole
