@@ -135,19 +135,17 @@ def check_keys(expected, found, what="checkpoint"):
 def load_into(tensors, files, what="checkpoint", ignore=()):
     """Strict streaming load into `tensors` ({key: tensor}): check every key and shape in the files'
     headers (keys starting with `ignore` skipped), then copy one tensor at a time."""
-    where = {k: f for f in map(_open, files) for k in f.keys() if not k.startswith(ignore)}  # key -> its file
+    where = {}  # key -> its file, of which only the header is read until a tensor is asked for
+    for file in files:
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except SafetensorError as e:  # a missing file raises FileNotFoundError, which names it
+            raise ValueError(f"cannot read checkpoint file {file}: {e} (corrupt or truncated?)") from None
+        where.update((k, f) for k in f.keys() if not k.startswith(ignore))
     shapes = {k: tuple(f.get_slice(k).get_shape()) for k, f in where.items()}
     check_keys({k: tuple(t.shape) for k, t in tensors.items()}, shapes, what)
     for key, tensor in tensors.items():
         tensor.copy_(where[key].get_tensor(key))
-
-
-def _open(file):
-    """A safetensors file, of which only the header is read until a tensor is asked for."""
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except SafetensorError as e:  # a missing file raises FileNotFoundError, which names it
-        raise ValueError(f"cannot read checkpoint file {file}: {e} (corrupt or truncated?)") from None
 
 
 def safetensors_files(folder):

@@ -1,12 +1,8 @@
-"""nanoGPT's configurator as one function, shared by train.py, train_vq.py and data/*/prepare.py.
-
-Settings are a script's plain globals or a dict of defaults; a config file (Python assignments, see
-config/) overrides them, then `--key=value` overrides that. Unknown keys and wrong types are errors.
-It also holds what every script does with bad input (docs/checkpoints.md §4): checks of settings,
-devices and output folders before any work, and the top-level handler that turns an expected error
-into one line. What it is not: argparse, which sample.py, eval.py and bench.py use for their flags
-(ArgumentParser here only makes its usage errors one line).
-"""
+"""nanoGPT's configurator as one function, shared by train.py, train_vq.py and data/*/prepare.py: a script's
+settings (its globals, or a dict of defaults) overridden by config files (Python assignments, see config/), then by
+`--key=value`; unknown keys and wrong types are errors. It also holds what every script does with bad input
+(docs/checkpoints.md §4): checks of settings, devices and output folders before any work, and the top-level handler
+that turns an expected error into one line. What it is not: argparse, which sample.py, eval.py and bench.py use."""
 import argparse
 import ast
 import os
@@ -83,16 +79,15 @@ def check_out_dir(path, flag="--out_dir"):
 
 def check_device(device):
     """'cpu', 'cuda' or 'cuda:N' present on this machine, else a ValueError saying what to pass."""
-    kind, colon, index = device.partition(":")
     if device == "cpu":
         return
+    kind, colon, index = device.partition(":")
     if kind != "cuda" or colon and not index.isdigit():
         raise ValueError(f"device {device!r} is not one of cpu, cuda, cuda:N")
     if not torch.cuda.is_available():
         raise ValueError(f"device {device} asked for, but no CUDA device is available here; use cpu")
-    if index and int(index) >= torch.cuda.device_count():
-        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if index and int(index) >= (count := torch.cuda.device_count()):
+        raise ValueError(f"device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
 
 
 def warn(message):
@@ -102,12 +97,8 @@ def warn(message):
 def one_line(error):
     """What a person sees for an expected error (SystemExit with a message, EXPECTED): one line. None for a bug."""
     if isinstance(error, SystemExit) and isinstance(error.code, str):
-        text = error.code
-    elif isinstance(error, EXPECTED):
-        text = f"error: {error}"
-    else:
-        return None
-    return " ".join(text.split())
+        return " ".join(error.code.split())
+    return " ".join(f"error: {error}".split()) if isinstance(error, EXPECTED) else None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -22,9 +22,6 @@ import checkpoint
 
 QK_NORM_EPS = 1e-5  # the official q/k LayerNorm's eps (docs/architecture.md §4)
 INIT_STD = 0.02     # HF initializer_range, the official from-scratch init (docs/architecture.md §3)
-HF_DEFAULT_CONTEXT = 4096  # HF Chameleon's max_position_embeddings when config.json omits it
-LEGACY_IMAGE_PREFIX = "IMGIMG"  # vocabulary_map names mask_image_logits masks: Chameleon's image ids
-UNUSED_VQ_PREFIX = "model.vqmodel."  # an unused Chameleon VQ some releases carry (docs/checkpoints.md §2)
 # our config field -> the official config.json name; HF_FIXED: what every official config.json says
 HF_NAMES = dict(vocab_size="vocab_size", dim="hidden_size", intermediate_size="intermediate_size",
                 n_layer="num_hidden_layers", n_head="num_attention_heads", n_kv_head="num_key_value_heads",
@@ -68,8 +65,8 @@ class ModelConfig:
         if d.get("hidden_act", "silu") != "silu" or d.get("attention_bias") or d.get("mlp_bias"):
             raise ValueError("config.json describes a different architecture (needs silu, no attention/mlp bias)")
         values = {ours: d[hf] for ours, hf in HF_NAMES.items() if d.get(hf) is not None}
-        values.setdefault("max_seq_len", HF_DEFAULT_CONTEXT)
-        masked = [i for name, i in (d.get("vocabulary_map") or {}).items() if name.startswith(LEGACY_IMAGE_PREFIX)]
+        values.setdefault("max_seq_len", 4096)  # HF Chameleon's max_position_embeddings when config.json omits it
+        masked = [i for name, i in (d.get("vocabulary_map") or {}).items() if name.startswith("IMGIMG")]  # image ids
         return cls(**{"n_kv_head": d["num_attention_heads"], **values},
                    masked_token_ids=tuple(sorted(masked)) if d.get("mask_image_logits", True) else ())
 
@@ -88,8 +85,7 @@ PRESETS = {  # 7B, 2B: paper Table 2; shapes: the model we ship (vocab from its 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):  # as official: normalise in fp32, cast back, then scale
         h = x.float()
@@ -228,9 +224,8 @@ class Transformer(nn.Module):
         if int4 is None:
             return partial(F.linear, weight=rows)
         if getattr(self, "int4_head_rows", (None,))[0] != (start, stop):
-            linear = nn.utils.skip_init(nn.Linear, rows.shape[1], rows.shape[0], bias=False, device=rows.device,
-                                        dtype=rows.dtype)
-            linear.weight.data.copy_(rows)
+            linear = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device="meta")
+            linear.weight = nn.Parameter(rows.detach(), requires_grad=False)  # the rows themselves, not a copy
             self.int4_head_rows = (start, stop), type(int4).from_linear(linear, int4.group_size)
         return self.int4_head_rows[1]
 
@@ -275,7 +270,8 @@ class Transformer(nn.Module):
         folder = Path(folder)
         config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
         official = lambda name: name if name == "lm_head.weight" else "model." + name  # noqa: E731
-        return cls._from_files(config, checkpoint.safetensors_files(folder), official, device, dtype, UNUSED_VQ_PREFIX)
+        files = checkpoint.safetensors_files(folder)  # ignored: an unused VQ some carry (docs/checkpoints.md §2)
+        return cls._from_files(config, files, official, device, dtype, ignore="model.vqmodel.")
 
     @classmethod
     def _from_files(cls, config, files, file_key, device, dtype, ignore=()):
@@ -327,8 +323,6 @@ def estimate_mfu(config, n_params, seq_len, tokens_per_s, device):
 def cpu_has_fast_bf16():
     """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX, read from Linux's /proc/cpuinfo): there bf16
     autocast trains faster than fp32; elsewhere it is emulated, ~10x slower (measured: docs/performance.md §4)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: assume no, fp32 is never the slow choice
-        return False
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""  # not Linux: assume no, fp32 is never the slow choice
     return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -395,13 +395,11 @@ def make_task(rng, task, held_out=HeldOut(), size=PANEL):
         spec.update(objects=inner["objects"], relation=inner["relation"],
                     subject=noun_phrase(first["shape"], first["color"]), prompt=describe(inner, rng, subject=True))
         return render_subject(scene), render(scene), spec
-    scene = random_scene(rng, size, size, held_out=held_out)
     if task == "edit":
-        while (edited := _edit(rng, scene, held_out)) is None or not held_out.allows_scene(edited[0].objects):
-            scene = random_scene(rng, size, size, held_out=held_out)
-        new, text, extra = edited
+        scene, [(new, text, extra)] = _edit_chain(rng, 1, held_out, size)
         spec.update(prompt=text, target=target_rows(new.objects), background=new.background, **extra)
         return render(scene), render(new), spec
+    scene = random_scene(rng, size, size, held_out=held_out)
     if task == "dense":
         dense_map = DENSE_MAPS["dense"] if rng.random() < SEGMENTATION_SHARE else DENSE_MAPS["edge"]
         spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene.objects), dense_map=dense_map)
@@ -425,21 +423,24 @@ def make_pair(rng, task, held_out=HeldOut(), size=PANEL):
     return render(scene), MAP_RENDER[spec["pair_map"]](scene), spec
 
 
-def make_edit_chain(rng, rounds, held_out=HeldOut(), size=PANEL):
-    """(reference, spec) of a multi-round edit: `rounds` edits in a row, each of the previous one's result;
-    spec["prompts"] holds the instructions and spec["rounds"] each result (target rows, background)."""
+def _edit_chain(rng, rounds, held_out, size):
+    """A random scene and `rounds` edits in a row, each of the previous one's result: (scene, [_edit's triple])."""
     while True:
-        scene = random_scene(rng, size, size, held_out=held_out)
-        current, prompts, results = scene, [], []
-        while len(prompts) < rounds and (edited := _edit(rng, current, held_out)) is not None \
+        scene, steps = random_scene(rng, size, size, held_out=held_out), []
+        while len(steps) < rounds and (edited := _edit(rng, steps[-1][0] if steps else scene, held_out)) is not None \
                 and held_out.allows_scene(edited[0].objects):
-            current, text, _ = edited
-            prompts.append(text)
-            results.append({"target": target_rows(current.objects), "background": current.background})
-        if len(prompts) == rounds:
-            return render(scene), {"category": f"edit_{rounds}rounds", "task": "edit", "width": size, "height": size,
-                                   "relation": None, "prompt": "; ".join(prompts), "prompts": prompts,
-                                   "rounds": results}
+            steps.append(edited)
+        if len(steps) == rounds:
+            return scene, steps
+
+
+def make_edit_chain(rng, rounds, held_out=HeldOut(), size=PANEL):
+    """(reference, spec) of a multi-round edit: spec["prompts"] the instructions, spec["rounds"] each result."""
+    scene, steps = _edit_chain(rng, rounds, held_out, size)
+    prompts = [text for _, text, _ in steps]
+    results = [{"target": target_rows(new.objects), "background": new.background} for new, _, _ in steps]
+    return render(scene), {"category": f"edit_{rounds}rounds", "task": "edit", "width": size, "height": size,
+                           "relation": None, "prompt": "; ".join(prompts), "prompts": prompts, "rounds": results}
 
 # -----------------------------------------------------------------------------
 # Prompt sets (JSONL, one spec a line, docs/shapes.md §5) and the held-out eval set (§6)

@@ -77,12 +77,10 @@ torch.set_num_threads(threads or torch.get_num_threads())
 train_x, eval_x = (torch.from_numpy(codec_training_images(n, image_size, s, progress=True)).permute(0, 3, 1, 2)
                    for n, s in ((n_train, seed), (n_eval, eval_seed)))
 MOSAICS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (rows, cols) of panels: GroupNorm statistics span the whole image
-STEP_SEED_STRIDE = 1_000_003  # the generator of step s is seeded with seed * STEP_SEED_STRIDE + s
-RESTART_NOISE = 0.01          # a re-seeded code: an encoder output + this * their std * N(0, 1)
 
 
 def get_batch(step):
-    g = torch.Generator().manual_seed(seed * STEP_SEED_STRIDE + step)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)  # a generator per (seed, step)
     x = train_x[torch.randint(len(train_x), (batch_size,), generator=g)].float() / 127.5 - 1
     x = torch.where(torch.rand(batch_size, 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)  # horizontal flips
     if mosaic:  # a codec trained on single panels loses ~8 dB on dual panels (docs/codec.md §5)
@@ -134,7 +132,7 @@ while step < max_steps:
         dead = (hits == 0).nonzero().flatten()  # codes unused since the last restart move onto encoder outputs
         pool = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, embed_dim)
         pick = torch.randint(len(pool), (len(dead),), generator=g)
-        noise = RESTART_NOISE * pool.std() * torch.randn(len(dead), pool.shape[1], generator=g)
+        noise = 0.01 * pool.std() * torch.randn(len(dead), pool.shape[1], generator=g)  # 1% of their spread
         model.quantize.embedding.weight.data[dead] = pool[pick] + noise
         hits.zero_()
     losses.append(loss.item())

@@ -41,7 +41,6 @@ from vq import MoVQGAN, center_crop, pil_to_tensor
 MAX_RATIO = 4.0  # official generate_crop_size_list(max_ratio=4.0) (docs/tokens.md §3)
 SPLITS = ("train", "val")
 PART = "part-{:06d}.pkl"  # parts/PART.format(k): chunk k, done
-PARENT_POLL = 0.5  # seconds between a pool process's checks that its parent lives
 SETTINGS = dict(  # --key=value; --help lists them
     manifest="", codec="", tokenizer="", out_dir="",  # required: JSONL; official movqgan_270M.ckpt or our codec
     #   folder; the official release's tokenizer.json (official layout) or ours; one folder per stage resolution
@@ -123,8 +122,20 @@ def read_line(n, line, folder, sizes, seed, val_fraction):
 _worker = {}  # per process: the settings, codec and tokenizer, loaded once by init_worker
 
 
-def init_worker(cfg, device, threads=None):
-    """device: a device string, or a queue handing each pool process its own (one GPU each)."""
+def watch_parent(parent, parts):
+    """In each pool process: when the parent dies (killed, even by SIGKILL), remove this process's temp
+    files and exit, rather than encode on for no one (a thread, so it works wherever Python runs)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)  # seconds
+    remove_temp_files(parts, os.getpid())
+    os._exit(1)
+
+
+def init_worker(cfg, device, threads=None, parent=None):
+    """device: a device string, or a queue handing each pool process its own (one GPU each); parent: the
+    pid a pool process watches (watch_parent)."""
+    if parent:
+        threading.Thread(target=watch_parent, args=(parent, cfg["parts"]), daemon=True).start()
     device = device if isinstance(device, str) else device.get()
     if threads:
         torch.set_num_threads(threads)
@@ -153,20 +164,6 @@ def process_chunk(task):
     return len(lines), skipped
 
 
-def watch_parent(parent, parts):
-    """In each pool process: when the parent dies (killed, even by SIGKILL), remove this process's temp
-    files and exit, rather than encode on for no one (a thread, so it works wherever Python runs)."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL)
-    remove_temp_files(parts, os.getpid())
-    os._exit(1)
-
-
-def init_pool_worker(parent, cfg, device, threads):
-    threading.Thread(target=watch_parent, args=(parent, cfg["parts"]), daemon=True).start()
-    init_worker(cfg, device, threads)
-
-
 def run_chunks(tasks, cfg, workers, device, threads):
     """Yield (lines, skipped) per chunk as chunks finish: here if workers == 1, else in `workers` processes,
     a GPU each in turn for "cuda"; a dying worker stops the run (BrokenProcessPool): rerun to resume."""
@@ -180,8 +177,8 @@ def run_chunks(tasks, cfg, workers, device, threads):
     for i in range(workers):
         queue.put(f"cuda:{i % gpus}" if gpus else device)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)  # CPU workers share the cores, not oversubscribe
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_pool_worker,
-                               initargs=(os.getpid(), cfg, queue, threads))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
+                               initargs=(cfg, queue, threads, os.getpid()))
     try:
         for done in as_completed([pool.submit(process_chunk, t) for t in tasks]):
             yield done.result()
