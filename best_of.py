@@ -1,10 +1,8 @@
-"""Best-of-N and thinking: the paper's high-quality sampling (§3.3.1, docs/sampling.md §4).
-
-The two inference-time extras of sample.py. Best-of-N keeps the best of N samples by a verifier's
-score; `make_scorer` builds score(image) before sampling, so a prompt the verifier cannot read fails
-before any work. The shapes verifier reads a prompt with `verify.parse_prompt`, an edit instruction
-with `edit_spec` (the edit applied to the reference panel's objects). Thinking: an LLM rewrites the
-prompt first (`think`). Not a sampler (sample.py) or a detector (verify.py).
+"""Best-of-N and thinking, sample.py's inference-time extras: the paper's high-quality sampling (§3.3.1,
+docs/sampling.md §4). Best-of-N keeps the best of N samples by a verifier's score; `make_scorer` builds
+score(image) before sampling, so a prompt the verifier cannot read fails before any work (shapes: a prompt via
+`verify.parse_prompt`, an edit via `edit_spec`). Thinking: an LLM rewrites the prompt first (`think`).
+Not a sampler (sample.py) or a detector (verify.py).
 
   python sample.py --task edit --ref assets/refs/scene.png --prompt "make the blue circle red" --best_of 4
 """
@@ -25,7 +23,6 @@ EDIT = re.compile(r"(make|recolor|change the colou?r of|remove|delete|move|add) 
                   r"(?: (?:to )?(?:the )?(\w+))?|change the background to (.+)")
 RECOLOR = ("make", "recolor", "change the color of", "change the colour of")
 BACKGROUND_NAMES = {words: name for name, words in BACKGROUND_WORDS.items()}  # "light blue" -> "sky"
-# The paper's "thinking" in our words: a strong LLM reasons about the prompt and rewrites it.
 THINK_INSTRUCTION = ("You rewrite prompts for an image generator. Think about what the user wants, then "
                      "reply with one improved, concrete prompt describing objects, colours, counts and "
                      "positions explicitly. Reply with the prompt only.")
@@ -64,9 +61,8 @@ def edit_spec(reference, instruction):
 
 
 def verify_chain(strip, prompts):
-    """Score of a multi-round edit's strip (the reference panel, then each round's lower panel): the mean over
-    rounds of round k's lower panel verified against edit k applied to the panel before it, so 1.0 means every
-    edit was applied and nothing else changed; a round whose edit cannot be read on its input scores 0."""
+    """Score of a multi-round edit's strip (reference, then each round's lower panel): the mean over rounds of
+    panel k verified against edit k applied to the panel before it; a round whose edit cannot be read scores 0."""
     width = strip.width // (len(prompts) + 1)
     panels = [strip.crop((k * width, 0, (k + 1) * width, strip.height)) for k in range(len(prompts) + 1)]
     scores = []

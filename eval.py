@@ -1,10 +1,9 @@
-"""Score a checkpoint on a shapes prompt set: GenEval-style accuracy per category, best-of-K, the five
-dual-panel tasks, and the codec ceiling that bounds them all (docs/shapes.md §4-§7).
+"""Score a checkpoint on a shapes prompt set: a reduced-scale GenEval (docs/shapes.md §4-§7).
 
-What it is: a reduced-scale GenEval. sample.sample_images draws, verify.verify scores (1.0 is correct): accuracy
-and best-of-K (the paper's best-of-N, §3.3.1) per category and their means, and the ceiling: renders of what
-each row asks for, as drawn and through the codec. Writes eval.json and samples_<category>.png; --codec draws
-nothing (codec PSNR / SSIM / usage and the ceiling). Not the real GenEval (a detector on photos), nor a sampler.
+sample.sample_images draws, verify.verify scores (1.0 is correct): accuracy and best-of-K (the paper's best-of-N,
+§3.3.1) per category (T2I and the dual-panel tasks) and their means, and the codec ceiling that bounds them all:
+renders of what each row asks for, as drawn and through the codec. Writes eval.json and samples_<category>.png;
+--codec draws nothing (codec PSNR / SSIM / usage and the ceiling). Not the real GenEval (a detector on photos).
 
   python eval.py --n 2 --best_of 4                 # the shipped model; yours: --ckpt out/shapes/ckpt-00002000
   python eval.py --codec --vq out/vq_shapes
@@ -30,7 +29,7 @@ from vq import EVAL_SEED, MoVQGAN, evaluate, pil_to_tensor, tensor_to_pil
 
 BLOCKS = {"overall": shapes.CATEGORIES, "overall tasks": shapes.TASK_FAMILIES + shapes.EXTRA_TASKS,
           "pairs, rounds": shapes.PAIR_CHAIN_FAMILIES}  # the table's blocks
-ROW_CATEGORIES = shapes.CATEGORIES + shapes.TASK_FAMILIES + shapes.EXTRA_TASKS + shapes.PAIR_CHAIN_FAMILIES
+ROW_CATEGORIES = sum(BLOCKS.values(), ())  # every category a row may have, in table order
 GRID_COLUMNS = 8  # samples_<category>.png
 
 

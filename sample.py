@@ -52,10 +52,9 @@ class System:  # everything one checkpoint needs to turn a prompt into pixels
 def load_system(ckpt=ASSETS, vq=None, device="cpu", dtype=torch.float32, quant=None, vq_config=None, lora=None):
     """Our checkpoint folder, or an official release (config.json) and its codec (vq, vq_config); lora: an
     adapter folder merged into the weights first, so sampling costs what the base costs (docs/lora.md §4)."""
-    ckpt = Path(ckpt)
+    ckpt = latest(ckpt)  # a train.py out_dir: its newest checkpoint
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint folder {ckpt} does not exist")
-    ckpt = latest(ckpt)  # a train.py out_dir: its newest checkpoint
     tokenizer, defaults = Tokenizer.from_file(ckpt), dict(OFFICIAL_SAMPLING)
     if (ckpt / "config.json").is_file():  # official release: the codec is a separate download
         if vq is None or not Path(vq).exists():
@@ -116,11 +115,10 @@ def load_system_from_args(args):  # after the script's own checks (check_device 
 
 # ---- the one sampling function (docs/sampling.md §2-3); sjd.draw draws from its probs ----
 def logits_to_probs(logits, plan, layout, cfg_scale, top_k, temperature):
-    """logits (2B, T, V), or (2B, T, codebook_size) from the code head, with CFG [conditional rows; unconditional
-    rows], else (B, T, ...); plan (T,): the forced id at each position, or -1 for "any image code" -> probs
-    (B, T, codebook_size) over the image codes; one-hot on column 0 where the plan forces an id, which
-    sjd.to_ids reads as that id. The structure constraint leaves no other id a chance, so this is the whole
-    vocabulary's distribution (docs/performance.md §5)."""
+    """logits (2B, T, V or codebook_size): CFG's [conditional; unconditional] rows, else (B, T, ...); plan (T,):
+    the forced id at a position, or -1 for "any image code" -> probs (B, T, codebook_size) over the image codes,
+    one-hot on column 0 where the plan forces an id (sjd.to_ids reads it as that id). The structure constraint
+    leaves no other id a chance, so this is the whole vocabulary's distribution (docs/performance.md §5)."""
     codes = layout.codebook_size
     if logits.shape[-1] != codes:  # the full head: keep the rows the constraint lets through
         logits = logits[..., layout.image_code_offset:layout.image_code_offset + codes]
@@ -242,7 +240,7 @@ def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=No
                   seed=0, sjd_window=0, sjd_init="random", sjd_residual="exact", top_n_sigma=None, compile=False,
                   progress=False):
     """-> (list of PIL images: the whole image, dual panels included; stats dict with the codes). ref: the upper
-    panel as a path, a PIL image or a code grid (h, w); an edge/depth/dense task without one is an image pair."""
+    panel as a path or a code grid (h, w); an edge/depth/dense task without one is an image pair."""
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty")
     layout, (width, height) = system.layout, image_size(system, task, width, height)
@@ -269,9 +267,8 @@ def edit_rounds(system, prompts, ref, *, num_samples=1, seed=0, **kwargs):
         runs = [sample_images(system, prompt, task="edit", ref=r, seed=seed + i + k * num_samples, **kwargs)
                 for i, r in enumerate(refs)]
         codes = torch.cat([stats["codes"] for _, stats in runs])  # (N, 2h, w)
-        rounds.append(([image for images, _ in runs for image in images],
-                       dict(runs[0][1], codes=codes, **{key: sum(stats[key] for _, stats in runs)
-                                                        for key in ("seconds", "forward_passes")})))
+        totals = {key: sum(stats[key] for _, stats in runs) for key in ("seconds", "forward_passes")}
+        rounds.append(([images[0] for images, _ in runs], dict(runs[0][1], codes=codes, **totals)))
         refs = list(codes[:, codes.shape[1] // 2:])  # each sample's lower panel: its next reference
     strips = [make_grid([split_panels(rounds[0][0][i])[0]] + [split_panels(images[i])[1] for images, _ in rounds])
               for i in range(num_samples)]
@@ -338,8 +335,8 @@ def main(argv=None):
                                         **options)], None
     scored = strips or rounds[0][0]  # a multi-round sample is judged by its strip
     save_outputs(args, rounds, strips, [pick_best(scored, score)] if args.best_of > 1 else range(len(scored)))
-    tokens, seconds = (sum(stats[key] * (len(images) if key == "tokens" else 1) for images, stats in rounds)
-                       for key in ("tokens", "seconds"))  # every sample drawn, those best-of-N drops included
+    tokens = sum(stats["tokens"] * len(images) for images, stats in rounds)  # best-of-N's dropped samples too
+    seconds = sum(stats["seconds"] for _, stats in rounds)
     print(f"{tokens} tokens in {seconds:.2f} s ({tokens / seconds:.1f} tokens/s)"
           + (f", {sum(stats['forward_passes'] for _, stats in rounds)} forward passes" if args.sjd else "")
           + (", compilation included" if args.compile else ""))

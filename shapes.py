@@ -414,7 +414,7 @@ def make_task(rng, task, held_out=HeldOut(), size=PANEL):
 
 def make_pair(rng, task, held_out=HeldOut(), size=PANEL):
     """(upper, lower, spec) of an image pair drawn from text alone: the scene above, its map (spec's pair_map)
-    below, the official image-pair layout (docs/shapes.md §3). Eval only: no training example shows one."""
+    below, the official image-pair layout (docs/shapes.md §3); prepare's "pair" kind trains on them."""
     scene = random_scene(rng, size, size, held_out=held_out)
     counts = Counter((o.shape, o.color) for o in scene.objects)
     spec = {"category": "pair", "task": task, "width": size, "height": size, "relation": None,

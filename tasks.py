@@ -1,8 +1,7 @@
-"""Dual-panel tasks around the sampler: image size, reference panel, the tokens a task starts from and draws,
-and the files a sampling run writes. A task image is two panels, the reference above the answer (docs/tokens.md
-§6): with a reference only the lower rows are drawn; an edge/depth/dense task without one is an image pair, both
-panels drawn from the official pair prompt (docs/sampling.md §6). Not a sampler (sample.py draws, and chains
-multi-round edits in `edit_rounds`) nor a template (sequence.py writes the token ids).
+"""Dual-panel tasks around the sampler: image size, reference panel, a task's prefix and plan, the output files.
+A task image is two panels, the reference above the answer (docs/tokens.md §6): with a reference only the lower
+rows are drawn; edge/depth/dense without one is an image pair, both panels drawn from the official pair prompt
+(docs/sampling.md §6). Not a sampler (sample.py) nor a template (sequence.py writes the token ids).
 """
 from pathlib import Path
 
@@ -26,11 +25,9 @@ def image_size(system, task, width=None, height=None):
 
 
 def load_reference(path, width, height):
-    """The upper panel: a PNG/JPEG (or a PIL image), centre-cropped to the panel size the official way."""
+    """The upper panel: a PNG/JPEG, centre-cropped to the panel size the official way."""
     if not path:
         raise ValueError("this task needs --ref IMAGE (the upper panel)")
-    if isinstance(path, Image.Image):
-        return center_crop(path, width, height)
     try:
         with Image.open(path) as im:
             return center_crop(im.copy(), width, height)
@@ -43,9 +40,8 @@ def load_reference(path, width, height):
 
 
 def task_tokens(system, task, prompt, width, height, ref=None, subject=None, dense_map="segmentation map"):
-    """-> (prefix ids, plan of the tokens to draw). ref: the upper panel as a path, a PIL image or a code grid
-    (h, w), whose rows the prefix then holds; an edge/depth/dense task without one is an image pair
-    (docs/tokens.md §5)."""
+    """-> (prefix ids, plan of the tokens to draw). ref: the upper panel as a path or a code grid (h, w), whose
+    rows the prefix then holds; an edge/depth/dense task without one is an image pair (docs/tokens.md §5)."""
     layout, down = system.layout, system.layout.downsample
     pair = task in PAIR_TASKS and ref is None  # the official image-pair mode: both panels from text
     text = (pair_prompt(task, prompt, width, height, dense_map) if pair

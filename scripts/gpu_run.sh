@@ -38,7 +38,7 @@ export PYTHONUNBUFFERED=1
 
 # The weak kinds weighted up, as the last GPU note planned (issue 23): color_attr and the copy tasks.
 MIX=single_object=0.03,two_object=0.1,counting=0.06,colors=0.06,position=0.08,color_attr=0.2,edge=0.1
-MIX=$MIX,depth=0.08,subject=0.12,edit=0.14,dense=0.03
+MIX=$MIX,depth=0.08,subject=0.12,edit=0.14,dense=0.03,pair=0.06
 SEED=${SEED:-1000}
 STEPS_PER_S=15  # the shapes model at batch 128 on one H200: 58 ms/step (README.md, "Training on one H200")
 if [[ $DRY_RUN == 1 ]]; then
