@@ -39,6 +39,7 @@ from sjd import WINDOW, draw
 from vq import VQConfig
 
 VARIANTS = ("naive", "static", "lean", "compile", "compile+int4", "sjd", "compile+sjd", "compile+int4+sjd")
+TRAIN_VARIANTS = ("float32", "bfloat16", "compile")  # fp32; bf16 autocast; fp32 under torch.compile
 REFERENCE = ("naive", "static")  # every vocabulary row, the whole cache; the others are sample.py's lean step
 DEFAULT_SIZE = {"tiny": 64, "shapes": 128}  # pixels; the paper's presets default to 768
 DEFAULT_STEPS = {"decode": 32, "train": 3}  # decode steps (part of an image is fine); optimizer steps
@@ -66,14 +67,15 @@ def measure(fn, device):
 
 def random_model(args, device, dtype):
     """A random preset (first --layers), image codes atop its vocabulary -> (model, layout, side, sampling, prompt)."""
-    default, _ = torch.get_default_dtype(), torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in dtype: no fp32 copy of a 7B
     with torch.device(device):
         model = Transformer(ModelConfig.from_name(args.model, **({"n_layer": args.layers} if args.layers else {})))
     torch.set_default_dtype(default)
     vocab, codebook = model.config.vocab_size, min(VQConfig().n_embed, model.config.vocab_size // 2)
-    layout = TokenLayout(bos_id=0, image_start_id=1, image_end_id=2, eol_id=3, sep_id=4, image_code_offset=vocab
-                         - codebook, codebook_size=codebook, size_token_ids=tuple(range(5, 5 + MAX_GRIDS)))
+    layout = TokenLayout(bos_id=0, image_start_id=1, image_end_id=2, eol_id=3, sep_id=4, codebook_size=codebook,
+                         image_code_offset=vocab - codebook, size_token_ids=tuple(range(5, 5 + MAX_GRIDS)))
     prefix = [layout.bos_id] + list(range(5 + MAX_GRIDS, 5 + MAX_GRIDS + STAND_IN_TOKENS)) + [layout.sep_id]
     return model.eval(), layout, args.size or DEFAULT_SIZE.get(args.model, 768), OFFICIAL_SAMPLING, prefix
 
@@ -120,10 +122,10 @@ def step_bytes(model, layout, variant, rows):
     """-> (weight bytes, bytes per cache entry) a decode step of `rows` rows reads: the weights but the embedding,
     of which it gathers a few rows (lean: only lm_head's code rows; naive: a forward per row, no cache)."""
     weights = sum(t.nbytes for k, t in model.state_dict().items() if not k.startswith("embed_tokens"))
-    if variant not in REFERENCE:  # the code head: lm_head's code rows, or their int4 copy
+    if variant not in REFERENCE:  # the code head: lm_head's code rows (F.linear's weight), or their int4 copy
         head = code_head(model, layout)
-        weights += (sum(b.nbytes for b in head.buffers()) if isinstance(head, nn.Module) else head.keywords[
-            "weight"].nbytes) - model.lm_head.weight.nbytes
+        tensors = list(head.buffers()) if isinstance(head, nn.Module) else [head.keywords["weight"]]
+        weights += sum(t.nbytes for t in tensors) - model.lm_head.weight.nbytes
     c = model.config
     per_entry = 2 * c.n_layer * rows * c.n_kv_head * c.head_dim * model.lm_head.weight.itemsize  # K and V
     return (weights * rows, 0) if variant == "naive" else (weights, per_entry)
@@ -148,6 +150,13 @@ def each_variant(wanted, model, group_size, row):
     return results
 
 
+def image_run(layout, size, prefix, batch):
+    """-> prompt + image header, a size x size body's plan, samples and CFG scale (an even batch: CFG pairs)."""
+    side = size // layout.downsample
+    cfg = (batch // 2, OFFICIAL_SAMPLING["cfg"]) if batch % 2 == 0 else (batch, 1.0)
+    return prefix + image_header_ids(size, size, layout), image_body_plan(side, side, layout), *cfg
+
+
 def copy_bandwidth(device):
     """Bytes/s of a device copy: read one half of a tensor, write the other (the roofline's yardstick)."""
     copy = torch.ones(2, COPY_MB[device.type] * 2**20 // 4, device=device)
@@ -156,10 +165,8 @@ def copy_bandwidth(device):
 
 def bench_decode(args, model, layout, size, sampling, prefix, device):
     """Every variant of --variants on one prompt: a row of numbers, or why it did not run."""
-    prefix = prefix + image_header_ids(size, size, layout)
-    side = size // layout.downsample  # codes
-    plan = image_body_plan(side, side, layout)[:args.steps or DEFAULT_STEPS["decode"]]
-    num_samples, cfg_scale = (args.batch // 2, OFFICIAL_SAMPLING["cfg"]) if args.batch % 2 == 0 else (args.batch, 1.0)
+    prefix, plan, num_samples, cfg_scale = image_run(layout, size, prefix, args.batch)
+    plan = plan[:args.steps or DEFAULT_STEPS["decode"]]
     bandwidth, positions = copy_bandwidth(device), range(len(prefix), len(prefix) + len(plan))
     kv_len = -(-positions.stop // CACHE_MULTIPLE) * CACHE_MULTIPLE  # generate's cache
     lean_read = sum(next(n for n in kv_lengths(kv_len) if n > p) for p in positions) / len(plan)  # mean entries read
@@ -194,11 +201,11 @@ def bench_decode(args, model, layout, size, sampling, prefix, device):
 def time_lengths(model, layout, prefix, plan, variant, num_samples, cfg_scale, sampling, width):
     """The variant's step (an SJD pass: `width` tokens) + its sampling at every attention length of a whole image's
     cache, best of E2E_REPEATS -> (prefill s, {length: s}, peak MB). Timing needs no real tokens: any will do."""
-    lean, device = variant not in REFERENCE, model.lm_head.weight.device
+    device = model.lm_head.weight.device
     max_len = -(-(len(prefix) + len(plan)) // CACHE_MULTIPLE) * CACHE_MULTIPLE
     idx, key_mask = cfg_batch(prefix, unconditional_ids(prefix, layout), num_samples, cfg_scale, layout.bos_id,
                               max_len, device)
-    head, buckets = (code_head(model, layout), KV_BUCKETS) if lean else (None, 1)
+    head, buckets = (code_head(model, layout), KV_BUCKETS) if variant not in REFERENCE else (None, 1)
     probs_fn = partial(logits_to_probs, layout=layout, cfg_scale=cfg_scale, **sampling)
     model.setup_caches(len(idx), max_len)
     try:
@@ -220,8 +227,7 @@ def shipped_compression(device, window):
     SHIPPED_SAMPLES samples with CFG, its sampling defaults, this window."""
     system = load_system(ASSETS, device=str(device))
     layout, size, sampling = system.layout, system.size, system.defaults
-    prefix = prompt_ids(system.tokenizer, layout, t2i_prompt(PROMPT, size, size)) + image_header_ids(size, size, layout)
-    plan = image_body_plan(size // layout.downsample, size // layout.downsample, layout)
+    prefix, plan, *_ = image_run(layout, size, prompt_ids(system.tokenizer, layout, t2i_prompt(PROMPT, size, size)), 1)
     stats = generate(system.model, layout, prefix, unconditional_ids(prefix, layout), plan, sjd_window=window,
                      num_samples=SHIPPED_SAMPLES, cfg_scale=sampling["cfg"], top_k=sampling["top_k"],
                      temperature=sampling["temperature"], generator=torch.Generator(device).manual_seed(1))[1]
@@ -232,9 +238,7 @@ def bench_end_to_end(args, model, layout, size, sampling, prefix, device):
     """Seconds per whole image for each variant: the prefill plus, for every position, the step time of the
     attention length serving it (SJD: divided by the shipped model's step compression); peak memory; and the
     floor: the bytes each variant's steps read, at the copy bandwidth (docs/performance.md §1, §5)."""
-    prefix = prefix + image_header_ids(size, size, layout)
-    plan = image_body_plan(size // layout.downsample, size // layout.downsample, layout)
-    num_samples, cfg_scale = (args.batch // 2, OFFICIAL_SAMPLING["cfg"]) if args.batch % 2 == 0 else (args.batch, 1.0)
+    prefix, plan, num_samples, cfg_scale = image_run(layout, size, prefix, args.batch)
     bandwidth, positions = copy_bandwidth(device), range(len(prefix), len(prefix) + len(plan) - 1)  # steps
     wanted = args.variants.split(",")
     sjd = args.sjd_window > 1 and any("sjd" in v for v in wanted)
@@ -285,9 +289,6 @@ def bench_linear(model, group_size, device, dtype):
             layers.append({"shape": [k, n], "rows": rows, "float_ms": ms[0], "int4_ms": ms[1], "path": int4.path})
             print(f"{k:>5}x{n:<5}{rows:>6}{ms[0]:>9.3f}{ms[1]:>9.3f}{int4.path:>10}{ms[0] / ms[1]:>8.1f}x{ratio:>6.3f}")
     return {"mode": "linear", "group_size": group_size, "bytes_vs_float": ratio, "layers": layers}
-
-
-TRAIN_VARIANTS = ("float32", "bfloat16", "compile")  # fp32; bf16 autocast; fp32 under torch.compile
 
 
 def bench_train(model, batch, seq_len, steps, device, variants=TRAIN_VARIANTS):
@@ -344,7 +345,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, help="image side in pixels (default: 64 tiny, 128 shapes, else 768)")
     p.add_argument("--steps", type=int, help="decode steps, or with --train optimizer steps (default 32, 3)")
     p.add_argument("--batch", type=int, default=2, help="rows per forward: even = CFG with batch/2 samples")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset (default: all six)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="a comma-separated subset (default: all)")
     p.add_argument("--group_size", type=int, default=128, help="int4 group size (official 128)")
     p.add_argument("--train", nargs="?", const=",".join(TRAIN_VARIANTS), metavar="VARIANTS",
                    help=f"time training steps instead of decoding (default variants: {','.join(TRAIN_VARIANTS)})")
@@ -374,10 +375,10 @@ def main(argv=None):
               "layers": model.config.n_layer, "dim": model.config.dim, "device": args.device,
               "dtype": str(dtype).split(".")[1], "threads": torch.get_num_threads(), "torch": torch.__version__}
     print(record["command"] + "\n" + ", ".join(f"{k} {v}" for k, v in record.items() if k != "command"))
+    sampling = {k: sampling[k] for k in ("top_k", "temperature")}  # CFG: the official scale, or none (--batch)
     if args.linear:
         record.update(bench_linear(model, args.group_size, device, dtype))
     elif args.end_to_end:
-        sampling = {k: sampling[k] for k in ("top_k", "temperature")}
         record.update(bench_end_to_end(args, model, layout, size, sampling, prefix, device))
     elif args.train:
         if unknown := set(args.train.split(",")) - set(TRAIN_VARIANTS):
@@ -385,7 +386,6 @@ def main(argv=None):
         record.update(bench_train(model, args.batch, args.seq_len, args.steps or DEFAULT_STEPS["train"], device,
                                   tuple(args.train.split(","))))
     else:
-        sampling = {k: sampling[k] for k in ("top_k", "temperature")}  # CFG: the official scale, or none (--batch)
         record.update(bench_decode(args, model, layout, size, sampling, prefix, device))
     if args.json:
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))

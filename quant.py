@@ -7,7 +7,6 @@ or "reference" (exact, any device). Move and cast the model first: a kernel's la
 What it is not: activation/KV-cache quantization, GPTQ rounding or QAT. Run: sample.py --quant int4, bench.py --linear.
 """
 import functools
-from dataclasses import is_dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +20,6 @@ GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernel supports (docs/int4
 LEVELS, MID = 15, 8               # q in 0..15; w = (q - 8) * scale + zero
 MIN_SCALE = 1e-6                  # keeps a constant group from dividing by zero
 N_MULTIPLE = {"cpu": 16, "cuda": 8}  # out_features granularity: measured for the CPU op; tinygemm's tile
-CUDA_K_TILES = (8, 4, 2)          # tinygemm inner_k_tiles, largest first
 READBACK_ROWS = 1024              # identity rows per kernel call when reading a packing back
 INT4_FILE = "model_int4.safetensors"
 
@@ -72,8 +70,8 @@ def _cpu_pack(packed):  # the CPU op wants int32 (N, K) and makes its own, CPU-s
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack(packed).int(), 1)
 
 
-def _cuda_pack(packed):  # inner_k_tiles: the largest with K % (16 * tiles) == 0
-    tiles = next(t for t in CUDA_K_TILES if packed.shape[1] * 2 % (16 * t) == 0)
+def _cuda_pack(packed):  # tinygemm's inner_k_tiles: the largest of 8, 4, 2 with K % (16 * tiles) == 0
+    tiles = next(t for t in (8, 4, 2) if packed.shape[1] * 2 % (16 * t) == 0)
     return torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), tiles)
 
 
@@ -146,22 +144,15 @@ class Int4Linear(nn.Module):
 
 
 # ---- whole models (docs/int4.md §3) ----
-def _swap_linears(model, make):
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and (new := make(name, module)) is not None:
-            model.set_submodule(name, new)
-
-
 def quantize_model(model, group_size=128, skip=("lm_head",), path="auto"):
     """Swap every nn.Linear not named in `skip` (full or last name) for an Int4Linear, in place."""
-    def make(name, linear):
-        if any(name == s or name.endswith("." + s) for s in skip):
-            return None
+    for name, linear in list(model.named_modules()):
+        if not isinstance(linear, nn.Linear) or any(name == s or name.endswith("." + s) for s in skip):
+            continue
         try:
-            return Int4Linear.from_linear(linear, group_size, path)
+            model.set_submodule(name, Int4Linear.from_linear(linear, group_size, path))
         except ValueError as e:
             raise ValueError(f"{name}: {e} (or add it to skip=)") from None
-    _swap_linears(model, make)
     return model
 
 
@@ -170,8 +161,7 @@ def save_quantized(model, folder):
     packed = {f"{name}.weight": m.packed_weight() for name, m in model.named_modules() if isinstance(m, Int4Linear)}
     state = {k: v.detach().contiguous().cpu() for k, v in {**model.state_dict(), **packed}.items()}
     checkpoint.atomic_write(Path(folder) / INT4_FILE, lambda p: save_file(state, str(p)))
-    if is_dataclass(getattr(model, "config", None)):
-        checkpoint.write_config(Path(folder) / "model.json", model.config)
+    checkpoint.write_config(Path(folder) / "model.json", model.config)
 
 
 def load_quantized(model, folder, path="auto"):
@@ -181,8 +171,9 @@ def load_quantized(model, folder, path="auto"):
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; write it with quant.save_quantized(model, folder)")
     state = load_file(file)
-    rows = {k.removesuffix(".scales_and_zeros"): len(v) for k, v in state.items() if k.endswith(".scales_and_zeros")}
-    _swap_linears(model, lambda name, linear: None if name not in rows else Int4Linear(
-        linear.in_features, linear.out_features, linear.in_features // rows[name], device=linear.weight.device))
+    for name, linear in list(model.named_modules()):
+        if isinstance(linear, nn.Linear) and (groups := state.get(f"{name}.scales_and_zeros")) is not None:
+            model.set_submodule(name, Int4Linear(linear.in_features, linear.out_features,
+                                                 linear.in_features // len(groups), device=linear.weight.device))
     model.load_state_dict(state)  # strict: the file and the model must name the same tensors
     return model.apply(lambda m: m.set_path(path) if isinstance(m, Int4Linear) else None)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 INITS = ("random", "spatial")  # fresh drafts: a uniform image code (official), or the code one row up
+RESIDUALS = ("exact", "official")  # --sjd_residual: residual or official_residual
 EMPTY_RESIDUAL = 1e-6  # residual mass below this: p == q up to rounding
 # tokens per pass by device: 16 (official) where a window costs about one step (a GPU, memory-bound); 1, plain
 # decoding, on a CPU, where a window costs ~its length and windows of 2-16 measured 0.7-0.9x plain (docs/sjd.md §4)
@@ -48,9 +49,6 @@ def official_residual(p, q):
     """The official residual norm(max(p - min(q, 0.99), 0)) (docs/sjd.md §2): opt-in, it is lossy. A one-hot
     draft x has q(x) = 1 > 0.99, so where p(x) > 0.99 the rejected draft keeps mass and is drawn again."""
     return residual(p, q.clamp(max=OFFICIAL_DRAFT_CAP))
-
-
-RESIDUALS = ("exact", "official")  # --sjd_residual: residual or official_residual
 
 
 def filter_top_n_sigma(probs, n):
@@ -152,9 +150,9 @@ def sjd_generate(step, logits, plan, start_pos, probs_fn, layout, *, generator=N
     w0, done = 1, torch.ones(B, dtype=torch.long, device=device)
     q = fresh_drafts(seq, 1, L, plan, row_len, init, layout, generator)  # (B, L-1, columns): tokens 1..L-1
     passes, active = 0, 0  # active: row-passes of rows not yet done; together they accept B*(n-1) tokens
+    official = residual == "official"  # docs/sjd.md §2
     while True:
         active += int((done < n).sum())
-        official = residual == "official"  # docs/sjd.md §2
         p, done = sjd_pass(step, target, seq, q, done, w0, L, start_pos, plan, layout, generator, official)
         passes, frontier = passes + 1, int(done.min())
         if frontier >= n:

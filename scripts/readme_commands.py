@@ -1,7 +1,7 @@
 """Run every command README.md shows, in its fast form, in a fresh copy of the repository: the check that a
 newcomer's first hour works. CI runs it after the test suite (.ci/run); locally:
 
-  python scripts/readme_commands.py            # all of them, ~5 min on 2 CPU cores
+  python scripts/readme_commands.py            # all of them, ~10 min on 2 CPU cores
   python scripts/readme_commands.py --list     # what would run, and why the rest cannot run here
 
 What it is: the README's ```bash blocks and inline `python ...` commands, each matched to a rule that makes
@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_GPU, NO_WEIGHTS = "needs a CUDA GPU", "needs the official weights (tests/test_official_release.py covers the layout)"
+FAST_TRAIN = "--eval_interval=2 --eval_iters=1 --batch_size=2 --checkpoint_interval=2 --warmup_iters=1"
 # (command prefix, flags appended for the fast form, or None and the reason it cannot run here); first match wins
 RULES = [
     ("pip install", None, "the install: CI has just run it"),
@@ -29,13 +30,10 @@ RULES = [
     ("python -c", None, "a load generator for the busy-machine measurement"),
     ("python train_vq.py", "--n_train=64 --max_steps=2 --eval_every=2 --ckpt_every=2 --batch_size=4 "
      "--mosaic=False", ""),
-    ("python -m data.shapes.prepare", "--n=120 --eval_per_task=1", ""),
+    ("python -m data.shapes.prepare", "--n=120 --eval_per_task=1", ""),  # also --codec=assets
     ("python -m data.images.prepare", None, NO_WEIGHTS),
-    ("python -m data.shapes.prepare --codec=assets", "--n=120 --eval_per_task=1", ""),
-    ("python train.py config/finetune_lora_shapes.py", "--max_iters=2 --eval_interval=2 --eval_iters=1 "
-     "--batch_size=2 --checkpoint_interval=2 --warmup_iters=1", ""),
-    ("python train.py config/train_shapes.py", "--max_iters=4 --eval_interval=2 --eval_iters=1 --batch_size=2 "
-     "--checkpoint_interval=2 --warmup_iters=1", ""),
+    ("python train.py config/finetune_lora_shapes.py", f"--max_iters=2 {FAST_TRAIN}", ""),
+    ("python train.py config/train_shapes.py", f"--max_iters=4 {FAST_TRAIN}", ""),
     ("python train.py", None, NO_WEIGHTS),
     ("torchrun", None, "needs CUDA GPUs (tests/test_train.py launches torchrun on the CPU)"),
     ("python sample.py --ckpt Lumina-mGPT-2.0", None, NO_WEIGHTS),
