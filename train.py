@@ -336,7 +336,7 @@ model.train()
 bad_steps, t_last, tokens_since = 0, time.time(), 0
 t_start, start_iter = time.time(), iter_num
 while iter_num < max_iters and not stop_requested:
-    if iter_num % eval_interval == 0 and iter_num > 0:
+    if iter_num % eval_interval == 0 and (iter_num > 0 or init_from != "scratch"):  # from weights: the start too
         log_val_loss()
     lr = lr_schedule(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
