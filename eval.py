@@ -33,8 +33,9 @@ ROW_CATEGORIES = sum(BLOCKS.values(), ())  # every category a row may have, in t
 GRID_COLUMNS = 8  # samples_<category>.png
 
 
-def load_rows(path, limit=0):
-    """Prompt-set rows; a task row's "ref" is relative to the JSONL's folder. limit: rows per category."""
+def load_rows(path, limit=0, only=""):
+    """Prompt-set rows; a task row's "ref" is relative to the JSONL's folder. limit: rows per category;
+    only: comma-separated categories to keep (empty: all)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt set {path} does not exist; `python -m data.shapes.prepare` writes one beside "
@@ -52,6 +53,10 @@ def load_rows(path, limit=0):
     rows = [dict(row, ref=str(path.parent / row["ref"])) if "ref" in row else row for row in rows]
     if unknown := {row["category"] for row in rows} - set(ROW_CATEGORIES):
         raise ValueError(f"{path}: unknown categories {sorted(unknown)}; expected one of {ROW_CATEGORIES}")
+    if unknown := set(filter(None, only.split(","))) - set(ROW_CATEGORIES):
+        raise ValueError(f"--only: unknown categories {sorted(unknown)}; expected some of {', '.join(ROW_CATEGORIES)}")
+    if only and not (rows := [row for row in rows if row["category"] in only.split(",")]):
+        raise ValueError(f"{path} holds no rows of {only}; leave out --only or pick categories it has")
     categories = [row["category"] for row in rows]
     return [row for i, row in enumerate(rows) if not limit or categories[:i].count(row["category"]) < limit]
 
@@ -163,6 +168,7 @@ def main(argv=None):
     p.add_argument("--codec", action="store_true", help="score the codec alone: PSNR/SSIM/usage and the ceiling")
     p.add_argument("--codec_images", type=int, default=256, help="--codec: held-out renders for PSNR/SSIM")
     p.add_argument("--limit", type=int, default=0, help="prompts per category (0: all)")
+    p.add_argument("--only", default="", help="comma-separated categories to score, e.g. edge,depth (default: all)")
     p.add_argument("--size", type=int, help=f"T2I side in pixels (default: the checkpoint's; --codec {shapes.PANEL})")
     for flag, kind in (("--cfg", float), ("--top_k", int), ("--temperature", float)):
         p.add_argument(flag, type=kind, help="default: the checkpoint's, as in sample.py")
@@ -174,7 +180,7 @@ def main(argv=None):
     check_out_dir(args.out_dir)
     if not args.codec:
         check_folder(args.ckpt, args.vq)
-    rows, out_dir = load_rows(args.prompts, args.limit), Path(args.out_dir)
+    rows, out_dir = load_rows(args.prompts, args.limit, args.only), Path(args.out_dir)
     if missing := [row["ref"] for row in rows if "ref" in row and not Path(row["ref"]).is_file()]:
         raise FileNotFoundError(f"{args.prompts}: reference image {missing[0]} does not exist "
                                 f"({len(missing)} missing in all)")

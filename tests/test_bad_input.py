@@ -313,6 +313,7 @@ CASES = [
     ("eval", ["--prompts", "{rows_no_prompt}"], "row 1"), ("eval", ["--prompts", "{rows_no_category}"], "row 1"),
     ("eval", ["--prompts", "{rows_prompt_number}"], "row 1"), ("eval", ["--prompts", "{rows_ref_number}"], "row 1"),
     ("eval", ["--prompts", "{rows_category}"], "unknown categories"),
+    ("eval", ["--only", "edges"], "--only: unknown categories"), ("eval", ["--only", "pair"], "holds no rows of pair"),
     ("eval", ["--prompts", "{rows_ref_missing}"], "nowhere.png does not exist (1 missing in all)"),
     ("eval", ["--ckpt", "{tok_mismatch}"], "this tokenizer is not the model's"),
     ("eval", ["--ckpt", "{missing}"], "does not exist"), ("eval", ["--device", "tpu"], "not one of"),

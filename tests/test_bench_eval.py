@@ -168,6 +168,8 @@ def test_load_rows_limit_and_refs(prompt_set, tmp_path):
     assert [r["prompt"] for r in kept] == [r["prompt"] + " #1" for r in rows]
     assert len(evaluation.load_rows(prompt_set)) == len(rows)
     assert all(Path(r["ref"]).is_file() for r in evaluation.load_rows(prompt_set) if "ref" in r)
+    only = evaluation.load_rows(tmp_path / "twice.jsonl", limit=1, only="edge,colors")  # --only, then --limit
+    assert [r["prompt"] for r in only] == [r["prompt"] + " #1" for r in rows if r["category"] in ("edge", "colors")]
 
 
 def test_eval_codec_mode(tiny_ckpt, prompt_set, tmp_path):
