@@ -91,7 +91,7 @@ def wilson(hits, z=1.96):
     draws as independent; draws of one prompt are not quite, so read it as a lower bound on the width."""
     n, p, shrink = len(hits), float(np.mean(hits)), 1 + z * z / len(hits)
     centre, half = (p + z * z / (2 * n)) / shrink, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / shrink
-    return [round(float(centre - half), 3), round(float(centre + half), 3)]
+    return [round(float(max(0.0, centre - half)), 3), round(float(min(1.0, centre + half)), 3)]  # never -0.0
 
 
 @torch.no_grad()

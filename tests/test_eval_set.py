@@ -17,7 +17,9 @@ def test_wilson_interval_inverts_the_score_test(k, n):
     z, p = 1.96, k / n
     a, b, c = 1 + z * z / n, -(2 * p + z * z / n), p * p  # (1 + z^2/n) p0^2 - (2p + z^2/n) p0 + p^2 = 0
     roots = sorted(np.roots([a, b, c]).real)
-    assert evaluation.wilson([1] * k + [0] * (n - k)) == pytest.approx(roots, abs=1e-3)
+    interval = evaluation.wilson([1] * k + [0] * (n - k))
+    assert interval == pytest.approx(roots, abs=1e-3)
+    assert 0 <= interval[0] and interval[1] <= 1 and str(interval[0]) != "-0.0"  # printed as 0.00, never -0.00
 
 
 def test_shipped_eval_set_is_held_out_balanced_and_regenerates(tmp_path):
