@@ -254,7 +254,8 @@ def sample_images(system, prompt, *, width=None, height=None, task="t2i", ref=No
                              generator=torch.Generator(system.device).manual_seed(seed))
     stats["seconds"] = time.time() - t0
     stats["codes"] = torch.stack([ids_to_codes(uncond + row.tolist(), layout) for row in tokens.cpu()])
-    pixels = system.codec.decode(stats["codes"].to(system.device)).float().cpu()  # the whole image, upper panel too
+    panels = 2 if task != "t2i" and system.defaults.get("panelwise") else 1  # as the model's data were encoded
+    pixels = system.codec.decode(stats["codes"].to(system.device), panels).float().cpu()  # upper panel too
     return [tensor_to_pil(x) for x in pixels], stats
 
 

@@ -220,6 +220,10 @@ elif init_from == "scratch":
 else:  # start a stage from the previous stage's weights (paper §4: 256 -> 512 -> 768 px)
     model = lora.load_base(init_from)  # ours or an official release
     model.config.dropout = dropout
+# sampling defaults travel with the weights (the start's sampling.json); panelwise data are decoded panel by panel
+source = ckpt_dir if init_from == "resume" else Path(init_from)
+sampling = checkpoint.read_json(source / "sampling.json") if (source / "sampling.json").is_file() else {}
+sampling.update({"panelwise": True} if data_meta.get("settings", {}).get("panelwise") else {})
 if model.config.vocab_size < data_vocab:
     raise ValueError(f"model vocab {model.config.vocab_size} < data vocab {data_vocab}: wrong data_dir for this model")
 if max_seq_len and max_seq_len != model.config.max_seq_len:
@@ -295,6 +299,8 @@ def save_checkpoint():
     for f in (Path(data_dir) / "tokenizer.json", codec / "vq.json", codec / "vq.safetensors"):
         if f.is_file() and not lora_rank:  # the data's tokenizer and codec (adapters use the base's):
             shutil.copy2(f, tmp)           # `python sample.py --ckpt <folder>` needs no copying
+    if sampling and not lora_rank:
+        (tmp / "sampling.json").write_text(json.dumps(sampling))  # inside tmp: atomic with the rest
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoint.finished_checkpoints(out)[:-keep_checkpoints]:

@@ -246,18 +246,21 @@ class MoVQGAN(nn.Module):
         return self.decoder(self.post_quant_conv(z_q), z_q), vq_loss, codes, z
 
     @torch.no_grad()
-    def encode(self, x):
-        """x [B,3,H,W] in [-1,1] -> codes LongTensor [B,H/8,W/8]."""
-        return self.quantize(self.latent(x.to(self.quant_conv.weight.dtype)))[2]
+    def encode(self, x, panels=1):
+        """x [B,3,H,W] in [-1,1] -> codes LongTensor [B,H/8,W/8]. panels > 1: x is that many equal bands stacked
+        (a dual panel: 2), each encoded alone, so a panel's codes never depend on its neighbour (docs/codec.md §5)."""
+        bands = x.unflatten(2, (panels, -1)).transpose(1, 2).flatten(0, 1)  # (B*panels, 3, H/panels, W)
+        codes = self.quantize(self.latent(bands.to(self.quant_conv.weight.dtype)))[2]
+        return codes.unflatten(0, (-1, panels)).flatten(1, 2)
 
     @torch.no_grad()
-    def decode(self, codes):
-        """codes LongTensor [B,h,w] -> images [B,3,8h,8w] in about [-1,1] (unclamped)."""
+    def decode(self, codes, panels=1):
+        """codes LongTensor [B,h,w] -> images [B,3,8h,8w] in about [-1,1] (unclamped); panels as for encode."""
         n = self.config.n_embed
         if codes.dim() != 3 or codes.numel() and (codes.min() < 0 or codes.max() >= n):
             raise ValueError(f"decode expects codes [B,h,w] in [0, {n}), got shape {list(codes.shape)}")
-        z_q = self.quantize.embedding(codes).permute(0, 3, 1, 2)  # (B, embed_dim, h, w)
-        return self.decoder(self.post_quant_conv(z_q), z_q)
+        z_q = self.quantize.embedding(codes.unflatten(1, (panels, -1)).flatten(0, 1)).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z_q), z_q).unflatten(0, (-1, panels)).transpose(1, 2).flatten(2, 3)
 
     # -- checkpoints: official state dicts (.ckpt / .safetensors) and our folder (docs/codec.md §3)
 

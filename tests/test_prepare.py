@@ -2,6 +2,7 @@
 generator describes (checked against per-image encoding, not the batched path), reruns are
 idempotent, and missing inputs fail with one clear line."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch
 import sequence as S
 from data.shapes import prepare
 from data.shards import load_kinds, load_shards, read_meta
-from vq import MoVQGAN, VQConfig, pil_to_tensor
+from tasks import task_tokens
+from vq import MoVQGAN, VQConfig, pil_to_tensor, tensor_to_pil
 
 N = 24
 
@@ -149,3 +151,39 @@ def test_streaming_run_resumes_bitwise_and_logs_loss_per_kind(built, tmp_path, o
                 nll = torch.nn.functional.cross_entropy(model(seq[None, :-1])[0].double(), seq[1:], reduction="none")
             total, count = total + float((nll * m).sum()), count + float(m.sum())
         assert abs(loss - total / count) < 1e-4, kind
+
+
+def test_panelwise_data_match_the_reference_encoding_and_decode_panelwise(built, tmp_path, one_thread):
+    """--panelwise=True: a dual panel's upper codes are what sampling makes of that panel as --ref (encoded
+    alone), its lower codes the lower panel encoded alone; a run on such data writes sampling.json with
+    panelwise, and sampling from it decodes each panel alone."""
+    from test_train import common, train
+    import sample
+    root, argv = built
+    out = tmp_path / "panel"
+    prepare.main([a for a in argv if not a.startswith("--out_dir")] + [f"--out_dir={out}", "--panelwise=True",
+                                                                      "--mix=edge=1,subject=1,colors=1"])
+    meta, layout = read_meta(str(out))
+    tok, codec = S.Tokenizer.from_file(str(out / meta["tokenizer"])), MoVQGAN.from_pretrained(root / "vq")
+    mix = prepare.parse_mix("edge=1,subject=1,colors=1")
+    system = SimpleNamespace(codec=codec, tokenizer=tok, layout=layout, device="cpu")
+    for j, (ids, mask) in enumerate(prepare.Stream(out, "", 4, seed=1)[0]):
+        kind, text, image, drop = prepare.example(j, "stream1", mix, 64)
+        upper, lower = S.split_panels(image)
+        if kind == "colors" or drop:
+            continue
+        upper.save(tmp_path / "ref.png")
+        prefix, _ = task_tokens(system, kind, "x", 64, 128, ref=tmp_path / "ref.png",
+                                subject="a red circle" if kind == "subject" else None)
+        ref_codes = prefix[-8 * 9:]  # the reference panel's rows as sampling lays them out
+        assert ids.tolist()[-(16 * 9 + 1) - 1:][:8 * 9] == ref_codes
+        want = torch.cat([codec.encode(pil_to_tensor(upper)[None])[0], codec.encode(pil_to_tensor(lower)[None])[0]])
+        assert ids.tolist() == S.make_example(tok, layout, text, want, drop)[0].tolist()
+    train(common(out, tmp_path / "run", max_iters=1, checkpoint_interval=1, model_name="tiny"))
+    ckpt = tmp_path / "run" / "ckpt-00000001"
+    assert json.loads((ckpt / "sampling.json").read_text()) == {"panelwise": True}
+    system = sample.load_system(ckpt)
+    images, stats = sample.sample_images(system, "a red circle", task="edge", ref=tmp_path / "ref.png", top_k=8)
+    codes = stats["codes"]
+    halves = torch.cat([codec.decode(codes[:, :8]), codec.decode(codes[:, 8:])], dim=2)
+    assert images[0].tobytes() == tensor_to_pil(halves[0]).tobytes()

@@ -40,6 +40,7 @@ SETTINGS = dict(  # --key=value; --help lists them
     size=W.PANEL, vocab_size=1024,  # panel side in pixels (a multiple of 32); a new tokenizer's text vocabulary
     mix=DEFAULT_MIX,  # kind=weight,... over the categories and task families
     eval_per_task=W.EVAL_PER_CATEGORY,  # eval pairs a task
+    panelwise=False,  # encode each panel of a dual panel alone, as a --ref is at sampling (docs/codec.md §5)
     batch_size=64, threads=0,  # images per codec call; torch CPU threads (0: torch's default)
     device="cuda" if torch.cuda.is_available() else "cpu",
     force=False)  # rebuild even if meta.json says the shards are current
@@ -81,14 +82,15 @@ def example(i, seed, mix, size):
     return kind, text, S.stack_panels(upper, lower), rng.random() < S.CFG_DROP_PROB
 
 
-def encode_examples(batch, codec, tokenizer, layout, device):
-    """[(kind, text, image, drop_text)] -> [(ids, loss_mask)], one codec call per image size."""
+def encode_examples(batch, codec, tokenizer, layout, device, panelwise=False):
+    """[(kind, text, image, drop_text)] -> [(ids, loss_mask)], one codec call per image size (per panel with
+    panelwise: a dual panel's upper and lower halves each encoded alone)."""
     codes = {}
     for size in {image.size for _, _, image, _ in batch}:
         idx = [k for k, (_, _, image, _) in enumerate(batch) if image.size == size]
         x = torch.stack([pil_to_tensor(batch[k][2]) for k in idx]).to(device)  # (B, 3, H, W)
         with torch.no_grad():
-            codes.update(zip(idx, codec.encode(x).cpu()))
+            codes.update(zip(idx, codec.encode(x, 2 if panelwise and size[1] == 2 * size[0] else 1).cpu()))
     return [S.make_example(tokenizer, layout, text, codes[k], drop_text=drop)
             for k, (_, text, _, drop) in enumerate(batch)]
 
@@ -106,12 +108,13 @@ class Stream(torch.utils.data.Dataset):
         self.mix, self.size = parse_mix(mix or meta["settings"]["mix"]), meta["settings"]["size"]
         self.tokenizer, self.codec_path = read_tokenizer(Path(folder) / meta["tokenizer"]), meta["codec"]
         self.batch_size, self.seed, self.codec = batch_size, f"stream{seed}", None
+        self.panelwise = meta["settings"].get("panelwise", False)
 
     def __getitem__(self, j):
         if self.codec is None:
             self.codec = MoVQGAN.from_pretrained(self.codec_path).eval()
         batch = [example(j * self.batch_size + k, self.seed, self.mix, self.size) for k in range(self.batch_size)]
-        return encode_examples(batch, self.codec, self.tokenizer, self.layout, "cpu")
+        return encode_examples(batch, self.codec, self.tokenizer, self.layout, "cpu", self.panelwise)
 
 
 def fingerprint(path):
@@ -130,7 +133,7 @@ def write_shards(out, args, mix, tokenizer, layout, codec):
     n_val, writers = val_count(args.n, args.val_fraction), {s: ShardWriter(out, s) for s in ("train", "val")}
     for start in tqdm(range(0, args.n, args.batch_size), desc="batches"):
         batch = [example(i, args.seed, mix, args.size) for i in range(start, min(start + args.batch_size, args.n))]
-        for k, (ids, mask) in enumerate(encode_examples(batch, codec, tokenizer, layout, args.device)):
+        for k, (ids, mask) in enumerate(encode_examples(batch, codec, tokenizer, layout, args.device, args.panelwise)):
             split = "val" if start + k >= args.n - n_val else "train"
             writers[split].add(ids, mask, kind=KINDS.index(batch[k][0]))
     for w in writers.values():
@@ -166,7 +169,7 @@ def main(argv=None):
     if not tok_path.exists():
         texts = [example(i, args.seed, mix, args.size)[1] for i in tqdm(range(min(args.n, TOKENIZER_SAMPLE)))]
         S.train_tokenizer(texts + [s["prompt"] for s in W.eval_t2i_specs()], str(tok_path), args.vocab_size)
-    settings = {k: getattr(args, k) for k in ("n", "size", "val_fraction", "mix", "seed", "eval_per_task")}
+    settings = {k: getattr(args, k) for k in ("n", "size", "val_fraction", "mix", "seed", "eval_per_task", "panelwise")}
     settings.update(codec_sha256=fingerprint(args.codec), tokenizer_sha256=fingerprint(tok_path))
     meta_path = out / "meta.json"
     if meta_path.exists() and not args.force and json.loads(meta_path.read_text()).get("settings") == settings:
