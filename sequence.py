@@ -169,7 +169,7 @@ def ids_to_codes(ids, layout):
 
 
 # ---- prompts: official strings verbatim; the others say where they come from (docs/tokens.md §4, §5) ----
-TASKS = ("t2i", "edge", "depth", "subject", "edit", "dense", "mirror")
+TASKS = ("t2i", "edge", "depth", "subject", "edit", "dense", "mirror", "copy")
 # the map each dual-panel task names; dense's default is ours (the official list: depth, canny, hed, pose)
 DENSE_MAPS = {"edge": "canny edge map", "depth": "depth map", "dense": "segmentation map"}
 PAIR_TASKS = tuple(DENSE_MAPS)  # without a reference these draw an image pair from text (docs/tokens.md §5)
@@ -215,6 +215,9 @@ def task_prompt(task, prompt, width, height, subject=None, dense_map=DENSE_MAPS[
     if task == "mirror":  # ours: a new task for LoRA fine-tuning, outside the default mix (docs/lora.md §5)
         return (f"Generate a dual-panel image of {width}x{height} where the <upper half> displays the original "
                 f"image, while the <lower half> shows it mirrored from left to right:\n{prompt}")
+    if task == "copy":  # ours: the lower panel repeats the upper one, a warm-up for the copy tasks (docs/training.md §7)
+        return (f"Generate a dual-panel image of {width}x{height} where the <upper half> displays the original "
+                f"image, while the <lower half> shows the same image again:\n{prompt}")
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 

@@ -32,7 +32,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 HALVES = ("left", "right", "top", "bottom")  # of a canvas, where an edit moves an object
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 TASK_FAMILIES = ("edge", "depth", "subject", "edit", "dense")
-EXTRA_TASKS = ("mirror",)  # never in the default mix: a new task to fine-tune on (docs/lora.md §5)
+EXTRA_TASKS = ("mirror", "copy")  # never in the default mix: a new task to fine-tune on (docs/lora.md §5), a warm-up
 PAIR_CHAIN_FAMILIES = ("pair", "edit_2rounds", "edit_3rounds")  # eval only: image pairs, multi-round edits
 # Eight object colours, pairwise >= ~100 apart in RGB so a codec's colour drift cannot flip them.
 COLORS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 220), "yellow": (245, 225, 20),
@@ -404,6 +404,9 @@ def make_task(rng, task, held_out=HeldOut(), size=PANEL):
         dense_map = DENSE_MAPS["dense"] if rng.random() < SEGMENTATION_SHARE else DENSE_MAPS["edge"]
         spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene.objects), dense_map=dense_map)
         return render(scene), DENSE_RENDER[dense_map](scene), spec
+    if task == "copy":  # the same scene twice: with panel-wise codes, a token-for-token copy
+        spec.update(prompt=scene_caption(scene, rng), target=target_rows(scene.objects), background=scene.background)
+        return render(scene), render(scene), spec
     if task == "mirror":  # the scene flipped left to right; every shape is its own mirror image
         new = replace(scene, objects=tuple(replace(o, x=size - o.x - o.size) for o in scene.objects))
         spec.update(prompt=scene_caption(scene, rng), target=target_rows(new.objects), background=scene.background)

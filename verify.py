@@ -210,7 +210,7 @@ def verify(image, spec):
         checks = _checks_segmentation(image, spec)
     elif task == "dense":
         checks = _checks_target(detect_outlines(image), spec)
-    elif task in ("edge", "depth", "edit", "mirror"):
+    elif task in ("edge", "depth", "edit", "mirror", "copy"):
         checks = _checks_target(detect(image), spec)
         if "background" in spec:
             checks.append(background_of(image) == spec["background"])

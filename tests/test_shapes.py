@@ -77,3 +77,11 @@ def test_prompt_set_round_trip(tmp_path):
     assert back == specs
     assert all({"category", "prompt", "objects", "relation"} <= set(s) for s in back)
     assert all({"shape", "color", "count"} == set(o) for s in back for o in s["objects"])
+
+
+def test_copy_task_repeats_the_upper_panel():
+    """The copy warm-up's lower panel is its upper panel, pixel for pixel, for every scene drawn."""
+    rng = random.Random(3)
+    for _ in range(20):
+        upper, lower, spec = W.make_task(rng, "copy")
+        assert upper.tobytes() == lower.tobytes() and spec["target"]

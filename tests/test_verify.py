@@ -26,11 +26,11 @@ def _meaning(spec):
 
 @pytest.fixture(scope="module")
 def renders():
-    """20 ground-truth renders of each of the six categories and five task families (220)."""
+    """20 ground-truth renders of each of the six categories, five task families and the extra tasks (260)."""
     rng, out = random.Random(0), []
     for _ in range(20):
         out += [W.make_t2i(rng, c)[::-1] for c in W.CATEGORIES]
-        out += [W.make_task(rng, t)[1:][::-1] for t in W.TASK_FAMILIES]
+        out += [W.make_task(rng, t)[1:][::-1] for t in W.TASK_FAMILIES + W.EXTRA_TASKS]
     return out  # [(spec, image)]
 
 
