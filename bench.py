@@ -39,7 +39,7 @@ from sjd import WINDOW, draw
 from vq import VQConfig
 
 VARIANTS = ("naive", "static", "lean", "compile", "compile+int4", "sjd", "compile+sjd", "compile+int4+sjd")
-TRAIN_VARIANTS = ("float32", "bfloat16", "compile")  # fp32; bf16 autocast; fp32 under torch.compile
+TRAIN_VARIANTS = ("float32", "bfloat16", "compile", "compile+bf16")  # fp32; bf16 autocast; either under torch.compile
 REFERENCE = ("naive", "static")  # every vocabulary row, the whole cache; the others are sample.py's lean step
 DEFAULT_SIZE = {"tiny": 64, "shapes": 128}  # pixels; the paper's presets default to 768
 DEFAULT_STEPS = {"decode": 32, "train": 3}  # decode steps (part of an image is fine); optimizer steps
@@ -305,10 +305,10 @@ def bench_train(model, batch, seq_len, steps, device, variants=TRAIN_VARIANTS):
     for variant in variants:
         model.load_state_dict(initial)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=cuda)
-        forward = torch.compile(model) if variant == "compile" else model
+        forward = torch.compile(model) if variant.startswith("compile") else model
 
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant == "bfloat16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant in ("bfloat16", "compile+bf16")):
                 loss = compute_loss(forward(x[:, :-1]), x[:, 1:], torch.ones_like(x[:, 1:]))
             loss.backward()
             optimizer.step()

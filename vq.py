@@ -248,7 +248,7 @@ class MoVQGAN(nn.Module):
     @torch.no_grad()
     def encode(self, x, panels=1):
         """x [B,3,H,W] in [-1,1] -> codes LongTensor [B,H/8,W/8]. panels > 1: x is that many equal bands stacked
-        (a dual panel: 2), each encoded alone, so a panel's codes never depend on its neighbour (docs/codec.md §5)."""
+        (a dual panel: 2), each encoded alone, so a panel's codes never depend on its neighbour (docs/codec.md §7)."""
         bands = x.unflatten(2, (panels, -1)).transpose(1, 2).flatten(0, 1)  # (B*panels, 3, H/panels, W)
         codes = self.quantize(self.latent(bands.to(self.quant_conv.weight.dtype)))[2]
         return codes.unflatten(0, (-1, panels)).flatten(1, 2)

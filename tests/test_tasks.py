@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sample
+import sequence as S
 import shapes
 import sjd
 import verify
@@ -140,3 +141,23 @@ def test_sjd_residual_flag_reaches_the_sampler(tiny_ckpt, tmp_path, monkeypatch)
           "--sjd_residual", "official",
           "--width", "32", "--height", "32", "--out", str(tmp_path)])
     assert calls
+
+
+def test_panel_ce_averages_the_lower_panel_tokens(tiny_system, tiny_ckpt, one_thread):
+    """scripts/panel_ce.py: its loss is the float64 mean of -log p over the lower panel's tokens, found here by
+    walking back from the image end token; main() reports three finite losses per task."""
+    import math
+    import runpy
+    from pathlib import Path
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "panel_ce.py"))
+    system, layout = tiny_system, tiny_system.layout
+    codes = torch.randint(system.codec.config.n_embed, (16, 8), generator=torch.Generator().manual_seed(0))
+    text = S.task_prompt("edge", "a red circle", 64, 128)
+    ids = S.make_example(system.tokenizer, layout, text, codes)[0].tolist()
+    with torch.no_grad():
+        logp = torch.log_softmax(system.model(torch.tensor([ids]))[0].double(), -1)
+    end = ids.index(layout.image_end_id)
+    want = sum(-logp[k - 1, ids[k]].item() for k in range(end - 8 * 9, end)) / (8 * 9)
+    assert script["lower_panel_ce"](system, text, codes) == pytest.approx(want, rel=1e-5)
+    rows = script["main"](["--ckpt", str(tiny_ckpt), "--n", "1", "--tasks", "edge,copy"])
+    assert set(rows) == {"edge", "copy"} and all(math.isfinite(v) and v > 0 for r in rows.values() for v in r)

@@ -290,7 +290,7 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_panels_are_encoded_and_decoded_alone():
-    """encode/decode with panels=2 equal separate calls on the upper and lower halves (docs/codec.md §5)."""
+    """encode/decode with panels=2 equal separate calls on the upper and lower halves (docs/codec.md §7)."""
     codec, x = tiny_codec(), torch.rand(3, 3, 128, 64) * 2 - 1
     codes = codec.encode(x, panels=2)
     assert torch.equal(codes, torch.cat([codec.encode(x[:, :, :64]), codec.encode(x[:, :, 64:])], dim=1))
