@@ -300,7 +300,7 @@ def bench_train(model, batch, seq_len, steps, device, variants=TRAIN_VARIANTS):
     x = torch.randint(model.config.vocab_size, (batch, seq_len + 1), device=device,
                       generator=torch.Generator(device).manual_seed(0))
     print(f"native bf16 on this CPU: {'yes' if cpu_has_fast_bf16() else 'no'} (train.py dtype=auto uses bf16 on "
-          f"CUDA and on such CPUs)\n{'variant':<10}{'ms/step':>10}{'tokens/s':>11}{'x first':>9}{'steps':>7}"
+          f"CUDA and on such CPUs)\n{'variant':<13}{'ms/step':>10}{'tokens/s':>11}{'x first':>9}{'steps':>7}"
           f"{'loss':>8}{'peak MB':>9}")
     for variant in variants:
         model.load_state_dict(initial)
@@ -327,7 +327,7 @@ def bench_train(model, batch, seq_len, steps, device, variants=TRAIN_VARIANTS):
         rows[variant] = {"ms_per_step": seconds / len(losses) * 1e3, "tokens_per_s": tokens_per_s,
                          "steps": len(losses) + 1, "first_loss": first_loss, "loss": losses[-1], "peak_memory_mb": peak}
         speedup = tokens_per_s / rows[variants[0]]["tokens_per_s"]
-        print(f"{variant:<10}{seconds / len(losses) * 1e3:>10.0f}{tokens_per_s:>11,.0f}{speedup:>9.2f}"
+        print(f"{variant:<13}{seconds / len(losses) * 1e3:>10.0f}{tokens_per_s:>11,.0f}{speedup:>9.2f}"
               f"{len(losses) + 1:>7}{losses[-1]:>8.3f}{peak:>9,.0f}")
     first, n_params = rows[variants[0]], model.num_params()
     mfu = estimate_mfu(model.config, n_params, seq_len, first["tokens_per_s"], device)  # None on a CPU

@@ -16,6 +16,13 @@ from vq import MoVQGAN, VQConfig, pil_to_tensor, tensor_to_pil
 N = 24
 
 
+def encode_alone(codec, image):
+    """The codes prepare should store, one codec call per panel: a dual panel's halves each encoded alone
+    (panelwise, the default; docs/codec.md §7), a T2I image whole."""
+    panels = S.split_panels(image) if image.height == 2 * image.width else [image]
+    return torch.cat([codec.encode(pil_to_tensor(panel)[None])[0] for panel in panels])
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
@@ -28,7 +35,7 @@ def built(tmp_path_factory):
 
 
 def test_shards_hold_the_expected_examples(built):
-    """Every stored example equals make_example on its own render, encoded alone; the last
+    """Every stored example equals make_example on its own render, each panel encoded alone; the last
     val_fraction of the examples form the val split; meta.json describes the layout."""
     root, _ = built
     out = root / "shapes"
@@ -44,7 +51,7 @@ def test_shards_hold_the_expected_examples(built):
     dual = 0
     for i, (split, k) in enumerate(stored):
         _, text, image, drop = prepare.example(i, 0, mix, 64)
-        codes = codec.encode(pil_to_tensor(image)[None])[0]
+        codes = encode_alone(codec, image)
         want_ids, want_mask = S.make_example(tok, layout, text, codes, drop_text=drop)
         ids, mask, offsets = shards[split]
         assert ids[offsets[k]:offsets[k + 1]].tolist() == want_ids.tolist()
@@ -110,7 +117,7 @@ def test_stream_is_fresh_and_reproducible(built):
     for j in (0, 4):
         for k, (ids, mask) in enumerate(a[j]):
             kind, text, image, drop = prepare.example(3 * j + k, "stream5", mix, 64)
-            want_ids, want_mask = S.make_example(tok, layout, text, codec.encode(pil_to_tensor(image)[None])[0], drop)
+            want_ids, want_mask = S.make_example(tok, layout, text, encode_alone(codec, image), drop)
             assert ids.tolist() == want_ids.tolist() and mask.tolist() == want_mask.tolist()
             assert tuple(ids) not in stored
             kinds.add(kind)
@@ -128,7 +135,7 @@ def test_streaming_run_resumes_bitwise_and_logs_loss_per_kind(built, tmp_path, o
     from model import Transformer
     data = built[0] / "shapes"
     kw = dict(data_stream=True, data_mix="edge=1,pair=1,colors=1", stream_workers=1, max_iters=4, lr_decay_iters=4,
-              eval_interval=2, eval_iters=1, checkpoint_interval=2)
+              eval_interval=2, eval_iters=1, checkpoint_interval=2, dtype="float32")  # fp32: checked against fp64
     train(common(data, tmp_path / "full", **kw))
     train(common(data, tmp_path / "cut", **kw), stop_at="step 2: loss")
     out = train(common(data, tmp_path / "cut", init_from="resume", **kw))
@@ -177,8 +184,7 @@ def test_panelwise_data_match_the_reference_encoding_and_decode_panelwise(built,
                                 subject="a red circle" if kind == "subject" else None)
         ref_codes = prefix[-8 * 9:]  # the reference panel's rows as sampling lays them out
         assert ids.tolist()[-(16 * 9 + 1) - 1:][:8 * 9] == ref_codes
-        want = torch.cat([codec.encode(pil_to_tensor(upper)[None])[0], codec.encode(pil_to_tensor(lower)[None])[0]])
-        assert ids.tolist() == S.make_example(tok, layout, text, want, drop)[0].tolist()
+        assert ids.tolist() == S.make_example(tok, layout, text, encode_alone(codec, image), drop)[0].tolist()
     train(common(out, tmp_path / "run", max_iters=1, checkpoint_interval=1, model_name="tiny"))
     ckpt = tmp_path / "run" / "ckpt-00000001"
     assert json.loads((ckpt / "sampling.json").read_text()) == {"panelwise": True}

@@ -40,7 +40,7 @@ SETTINGS = dict(  # --key=value; --help lists them
     size=W.PANEL, vocab_size=1024,  # panel side in pixels (a multiple of 32); a new tokenizer's text vocabulary
     mix=DEFAULT_MIX,  # kind=weight,... over the categories and task families
     eval_per_task=W.EVAL_PER_CATEGORY,  # eval pairs a task
-    panelwise=False,  # encode each panel of a dual panel alone, as a --ref is at sampling (docs/codec.md §7)
+    panelwise=True,  # encode each panel of a dual panel alone, as a --ref is at sampling (docs/codec.md §7)
     batch_size=64, threads=0,  # images per codec call; torch CPU threads (0: torch's default)
     device="cuda" if torch.cuda.is_available() else "cpu",
     force=False)  # rebuild even if meta.json says the shards are current
