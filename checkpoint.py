@@ -99,9 +99,10 @@ def check_folder(folder, codec=None):
                          f"{text_ids + codes}, but the model's vocab_size is {model_vocab}: this tokenizer is not "
                          "the model's; copy the tokenizer.json of the data it was trained on")
     sampling = read_json(folder / "sampling.json") if (folder / "sampling.json").is_file() else {}
-    if not isinstance(sampling, dict) or any(k not in SAMPLING_KEYS or type(v) not in ((bool,) if k == "panelwise"
-                                             else (int, float)) for k, v in sampling.items()):
-        raise ValueError(f"{folder}/sampling.json must map {', '.join(SAMPLING_KEYS[:-1])} to numbers and panelwise "
+    kinds = lambda key: (bool,) if key == "panelwise" else (int, float)  # noqa: E731
+    if not isinstance(sampling, dict) or any(k not in SAMPLING_KEYS or type(v) not in kinds(k)
+                                             for k, v in sampling.items()):
+        raise ValueError(f"{folder}/sampling.json must map cfg, top_k, temperature, size to numbers and panelwise "
                          f"to true/false, not {sampling}")
 
 

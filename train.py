@@ -221,8 +221,8 @@ else:  # start a stage from the previous stage's weights (paper §4: 256 -> 512 
     model = lora.load_base(init_from)  # ours or an official release
     model.config.dropout = dropout
 # sampling defaults travel with the weights (the start's sampling.json); panelwise data are decoded panel by panel
-source = ckpt_dir if init_from == "resume" else Path(init_from)
-sampling = checkpoint.read_json(source / "sampling.json") if (source / "sampling.json").is_file() else {}
+source = ckpt_dir if init_from == "resume" else None if init_from == "scratch" else Path(init_from)
+sampling = checkpoint.read_json(source / "sampling.json") if source and (source / "sampling.json").is_file() else {}
 sampling.update({"panelwise": True} if data_meta.get("settings", {}).get("panelwise") else {})
 if model.config.vocab_size < data_vocab:
     raise ValueError(f"model vocab {model.config.vocab_size} < data vocab {data_vocab}: wrong data_dir for this model")

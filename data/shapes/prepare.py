@@ -82,7 +82,7 @@ def example(i, seed, mix, size):
     return kind, text, S.stack_panels(upper, lower), rng.random() < S.CFG_DROP_PROB
 
 
-def encode_examples(batch, codec, tokenizer, layout, device, panelwise=False):
+def encode_examples(batch, codec, tokenizer, layout, device, panelwise):
     """[(kind, text, image, drop_text)] -> [(ids, loss_mask)], one codec call per image size (per panel with
     panelwise: a dual panel's upper and lower halves each encoded alone)."""
     codes = {}
