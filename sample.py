@@ -5,7 +5,7 @@ What it is: the official sampler (docs/sampling.md) as small gpt-fast-style func
 Best-of-N and "thinking" (docs/sampling.md §4) live in best_of.py; task panels and output files in tasks.py.
 What it is not: a trainer, a tokenizer or a codec; it wires model.py, sequence.py and vq.py.
 
-  python sample.py --prompt "a red circle left of a blue square"            # the shipped model
+  python sample.py --prompt "a red circle left of a blue square" --best_of 4  # the shipped model
   python sample.py --task edge --ref assets/refs/edges.png --prompt "a green star"  # a dual-panel task
   python sample.py --ckpt Lumina-mGPT-2.0/ --vq movqgan_270M.ckpt --prompt "..." --dtype bfloat16 --compile --sjd
 """

@@ -61,12 +61,13 @@ def test_untrained_model_fails_the_same_check(system):
 
 
 @pytest.mark.parametrize("argv, size", [
-    (["--prompt", "a red circle left of a blue square"], (64, 64)),
+    (["--prompt", "a red circle left of a blue square", "--best_of", "4"], (64, 64)),
     (["--task", "edge", "--ref", str(ASSETS / "refs" / "edges.png"), "--prompt", "a red star"], (64, 128)),
 ])
-def test_readme_commands_run_on_the_shipped_assets(system, tmp_path, argv, size, monkeypatch):
+def test_readme_commands_draw_what_they_say_on_the_shipped_assets(system, tmp_path, argv, size, monkeypatch):
     """The README's first T2I command and its --task example, on what a fresh clone holds (the
-    default --ckpt is assets/; the file's one loaded copy of it stands in for a second load)."""
+    default --ckpt is assets/; the file's one loaded copy of it stands in for a second load): on the
+    default seed the verifier accepts what each writes (the image, or the task's lower panel)."""
     def shared(ckpt, *args):  # (vq, device, dtype, quant, vq_config, lora)
         assert Path(ckpt) == ASSETS
         return system if args == (None, "cpu", torch.float32, None, None, None) else load_system(ckpt, *args)
@@ -74,6 +75,9 @@ def test_readme_commands_run_on_the_shipped_assets(system, tmp_path, argv, size,
     main(argv + ["--out", str(tmp_path)])
     written = sorted(tmp_path.glob("*_s0_0.png"))
     assert len(written) == 1 and Image.open(written[0]).size == size
+    answer = Image.open(written[0]).convert("RGB")
     if "--task" in argv:  # a task also writes its lower panel, the answer, on its own
-        lower = Image.open(tmp_path / (written[0].stem + "_lower.png"))
-        assert lower.size == (64, 64)
+        answer = Image.open(tmp_path / (written[0].stem + "_lower.png")).convert("RGB")
+        assert answer.size == (64, 64)
+    prompt = argv[argv.index("--prompt") + 1]
+    assert verify(answer, parse_prompt(prompt)) == 1.0, f"{argv}: the verifier rejects {written[0].name}"
