@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import replace
 
 import verify
-from sequence import split_panels
+from sequence import DENSE_MAPS, split_panels
 from shapes import BACKGROUND_WORDS, COLORS, HALVES, SHAPES, Obj, target_rows
 
 # the edit instructions shapes.make_task writes: "make the red circle blue", "move the red circle to the left", ...
@@ -35,13 +35,19 @@ def add_best_of_args(parser):
     parser.add_argument("--think_url", default="http://127.0.0.1:8000/v1", help="an OpenAI-compatible endpoint")
 
 
+def reference_spec(reference, task):
+    """The objects detected in a reference panel as a verifier spec of `task` -> (spec, objects)."""
+    objs = [Obj(d["shape"], d["color"], x0, y0, x1 - x0 + 1) for d in verify.detect(reference)
+            for x0, y0, x1, _ in [d["bbox"]]]
+    return {"task": task, "width": reference.width, "height": reference.height, "target": target_rows(objs),
+            "relation": None}, objs
+
+
 def edit_spec(reference, instruction):
     """The verifier's spec of the expected lower panel: the edit applied to the objects detected in
     the reference; a one-line ValueError if it is not a shapes-world edit of an object shown once."""
-    objs = [Obj(d["shape"], d["color"], x0, y0, x1 - x0 + 1) for d in verify.detect(reference)
-            for x0, y0, x1, _ in [d["bbox"]]]
-    spec = {"task": "edit", "width": reference.width, "height": reference.height, "target": target_rows(objs),
-            "background": verify.background_of(reference), "relation": None}
+    spec, objs = reference_spec(reference, "edit")
+    spec["background"] = verify.background_of(reference)
     m = EDIT.fullmatch(instruction.lower().strip().rstrip("."))
     verb, color, shape, arg, background = m.groups() if m else (None,) * 5
     hits = [i for i, o in enumerate(objs) if (o.shape, o.color) == (shape, color)]
@@ -76,13 +82,17 @@ def verify_chain(strip, prompts):
 
 def make_scorer(verifier, task, prompt, reference=None, pair_map=None):
     """-> score(image), taken on the image or on a task's lower panel. verifier: 'shapes' or 'module:function'
-    taking (image, prompt); reference: the upper panel, for an edit; prompt a list: a multi-round edit, scored on
-    its strip (verify_chain); pair_map: an image pair's lower map, scored on both panels (docs/sampling.md §4)."""
+    taking (image, prompt); reference: the upper panel, for an edit or a segmentation map of it (dense); prompt
+    a list: a multi-round edit, scored on its strip (verify_chain); pair_map: an image pair's lower map, scored
+    on both panels (docs/sampling.md §4)."""
     whole = task == "t2i" or pair_map or isinstance(prompt, list)
     lower = (lambda im: im) if whole else (lambda im: split_panels(im)[1])
     if verifier == "shapes" and isinstance(prompt, list):
         edit_spec(reference, prompt[0])  # the first round is checkable now; later ones on the model's own output
         return lambda strip: verify_chain(strip, prompt)
+    if verifier == "shapes" and task == "dense" and reference:  # the map of the reference's objects, not the prompt
+        spec = dict(reference_spec(reference, "dense")[0], dense_map=DENSE_MAPS["dense"])
+        return lambda image: verify.verify(lower(image), spec)
     if verifier == "shapes":
         spec = edit_spec(reference, prompt) if task == "edit" else verify.parse_prompt(prompt)
         spec = dict(spec, pair_map=pair_map) if pair_map else spec

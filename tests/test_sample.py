@@ -154,6 +154,18 @@ def test_best_of_an_edit_scores_the_lower_panel(tiny_ckpt, tmp_path, capsys):
     assert score(stack_panels(Image.open(SCENE), shapes.render(expected))) == 1.0
     assert score(stack_panels(Image.open(SCENE), Image.open(SCENE))) < 1.0
 
+def test_best_of_a_segmentation_scores_the_map_of_the_reference():
+    """--task dense --ref --best_of: the lower panel is a segmentation map, so it is judged against the map of
+    the reference's objects (shapes.render_segmentation, an independent renderer), not read as a scene."""
+    reference = Image.open(SCENE).convert("RGB")
+    score = make_scorer("shapes", "dense", "a purple square and a blue circle", reference)
+    truth = shapes.Scene((shapes.Obj("square", "purple", 3, 4, 21), shapes.Obj("circle", "blue", 30, 25, 21)))
+    assert score(stack_panels(reference, shapes.render_segmentation(truth))) == 1.0
+    assert score(stack_panels(reference, reference)) < 1.0  # the scene itself is no map of it
+    moved = shapes.Scene((shapes.Obj("square", "purple", 35, 30, 21), shapes.Obj("circle", "blue", 3, 4, 21)))
+    assert score(stack_panels(reference, shapes.render_segmentation(moved))) < 1.0  # the right classes, elsewhere
+
+
 # -----------------------------------------------------------------------------
 # --think and the command line
 

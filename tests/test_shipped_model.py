@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 import shapes
+from best_of import make_scorer
 from model import Transformer
 import sample
 from sample import load_system, main, sample_images
+from sequence import pair_map
 from verify import parse_prompt, verify
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -60,24 +62,31 @@ def test_untrained_model_fails_the_same_check(system):
     assert all(draws_accepted(random_system, prompt) < MUST_ACCEPT for prompt in SIMPLE_PROMPTS)
 
 
-@pytest.mark.parametrize("argv, size", [
-    (["--prompt", "a red circle left of a blue square", "--best_of", "4"], (64, 64)),
-    (["--task", "edge", "--ref", str(ASSETS / "refs" / "edges.png"), "--prompt", "a red star"], (64, 128)),
-])
-def test_readme_commands_draw_what_they_say_on_the_shipped_assets(system, tmp_path, argv, size, monkeypatch):
-    """The README's first T2I command and its --task example, on what a fresh clone holds (the
-    default --ckpt is assets/; the file's one loaded copy of it stands in for a second load): on the
-    default seed the verifier accepts what each writes (the image, or the task's lower panel)."""
+README_COMMANDS = [  # the README's first command and its --task examples that the shipped model draws
+    ["--prompt", "a red circle left of a blue square", "--best_of", "4"],
+    ["--task", "edge", "--ref", str(ASSETS / "refs" / "edges.png"), "--prompt", "a red star"],
+    ["--task", "dense", "--ref", str(ASSETS / "refs" / "scene.png"), "--prompt", "a purple square and a blue circle",
+     "--best_of", "4"],
+    ["--task", "depth", "--prompt", "a red circle above a blue star", "--best_of", "4"],
+]
+
+
+@pytest.mark.parametrize("argv", README_COMMANDS, ids=["t2i", "edge", "dense", "depth pair"])
+def test_readme_commands_draw_what_they_say_on_the_shipped_assets(system, tmp_path, argv, monkeypatch):
+    """On what a fresh clone holds (the default --ckpt is assets/; the file's one loaded copy of it stands in
+    for a second load) and the default seed, the verifier accepts what each command writes: the image, a
+    task's lower panel (a segmentation against the reference's objects), or both panels of an image pair."""
     def shared(ckpt, *args):  # (vq, device, dtype, quant, vq_config, lora)
         assert Path(ckpt) == ASSETS
         return system if args == (None, "cpu", torch.float32, None, None, None) else load_system(ckpt, *args)
     monkeypatch.setattr(sample, "load_system", shared)
     main(argv + ["--out", str(tmp_path)])
     written = sorted(tmp_path.glob("*_s0_0.png"))
-    assert len(written) == 1 and Image.open(written[0]).size == size
-    answer = Image.open(written[0]).convert("RGB")
-    if "--task" in argv:  # a task also writes its lower panel, the answer, on its own
-        answer = Image.open(tmp_path / (written[0].stem + "_lower.png")).convert("RGB")
-        assert answer.size == (64, 64)
-    prompt = argv[argv.index("--prompt") + 1]
-    assert verify(answer, parse_prompt(prompt)) == 1.0, f"{argv}: the verifier rejects {written[0].name}"
+    task = argv[argv.index("--task") + 1] if "--task" in argv else "t2i"
+    assert len(written) == 1 and Image.open(written[0]).size == (64, 64 if task == "t2i" else 128)
+    if task != "t2i":  # a task also writes its lower panel, the answer, on its own
+        assert Image.open(tmp_path / (written[0].stem + "_lower.png")).size == (64, 64)
+    reference = Image.open(argv[argv.index("--ref") + 1]).convert("RGB") if "--ref" in argv else None
+    score = make_scorer("shapes", task, argv[argv.index("--prompt") + 1], reference,
+                        pair_map(task) if task != "t2i" and reference is None else None)
+    assert score(Image.open(written[0]).convert("RGB")) == 1.0, f"{argv}: the verifier rejects {written[0].name}"
