@@ -90,11 +90,13 @@ def make_scorer(verifier, task, prompt, reference=None, pair_map=None):
     if verifier == "shapes" and isinstance(prompt, list):
         edit_spec(reference, prompt[0])  # the first round is checkable now; later ones on the model's own output
         return lambda strip: verify_chain(strip, prompt)
-    if verifier == "shapes" and task == "dense" and reference:  # the map of the reference's objects, not the prompt
-        spec = dict(reference_spec(reference, "dense")[0], dense_map=DENSE_MAPS["dense"])
-        return lambda image: verify.verify(lower(image), spec)
     if verifier == "shapes":
-        spec = edit_spec(reference, prompt) if task == "edit" else verify.parse_prompt(prompt)
+        if task == "edit":
+            spec = edit_spec(reference, prompt)
+        elif task == "dense" and reference:  # a segmentation: the map of the reference's objects, not the prompt
+            spec = dict(reference_spec(reference, "dense")[0], dense_map=DENSE_MAPS["dense"])
+        else:
+            spec = verify.parse_prompt(prompt)
         spec = dict(spec, pair_map=pair_map) if pair_map else spec
         return lambda image: verify.verify(lower(image), spec)
     module, _, name = verifier.partition(":")

@@ -320,8 +320,7 @@ def main(argv=None):
     width, height = image_size(system, args.task, args.width, args.height)
     if args.best_of > 1:  # before sampling: a prompt the verifier cannot read fails now, not after
         score = make_scorer(args.verifier, args.task, args.prompt if len(args.prompt) > 1 else args.prompt[0],
-                            load_reference(args.ref, width, height // 2)
-                            if args.task == "edit" or (args.task == "dense" and args.ref) else None,
+                            load_reference(args.ref, width, height // 2) if args.ref or args.task == "edit" else None,
                             pair_map(args.task) if args.task in PAIR_TASKS and not args.ref else None)
     prompts = [think(prompt, args.think_url) if args.think else prompt for prompt in args.prompt]
     options = dict(width=width, height=height, num_samples=max(args.num_samples, args.best_of), cfg=args.cfg,

@@ -154,6 +154,7 @@ def test_best_of_an_edit_scores_the_lower_panel(tiny_ckpt, tmp_path, capsys):
     assert score(stack_panels(Image.open(SCENE), shapes.render(expected))) == 1.0
     assert score(stack_panels(Image.open(SCENE), Image.open(SCENE))) < 1.0
 
+
 def test_best_of_a_segmentation_scores_the_map_of_the_reference():
     """--task dense --ref --best_of: the lower panel is a segmentation map, so it is judged against the map of
     the reference's objects (shapes.render_segmentation, an independent renderer), not read as a scene."""
