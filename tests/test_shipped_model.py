@@ -67,11 +67,11 @@ README_COMMANDS = [  # the README's first command and its --task examples that t
     ["--task", "edge", "--ref", str(ASSETS / "refs" / "edges.png"), "--prompt", "a red star"],
     ["--task", "dense", "--ref", str(ASSETS / "refs" / "scene.png"), "--prompt", "a purple square and a blue circle",
      "--best_of", "4"],
-    ["--task", "depth", "--prompt", "a red circle above a blue star", "--best_of", "4"],
+    ["--task", "dense", "--prompt", "a red circle above a blue star", "--best_of", "4"],
 ]
 
 
-@pytest.mark.parametrize("argv", README_COMMANDS, ids=["t2i", "edge", "dense", "depth pair"])
+@pytest.mark.parametrize("argv", README_COMMANDS, ids=["t2i", "edge", "dense", "segmentation pair"])
 def test_readme_commands_draw_what_they_say_on_the_shipped_assets(system, tmp_path, argv, monkeypatch):
     """On what a fresh clone holds (the default --ckpt is assets/; the file's one loaded copy of it stands in
     for a second load) and the default seed, the verifier accepts what each command writes: the image, a
