@@ -93,7 +93,7 @@ def make_scorer(verifier, task, prompt, reference=None, pair_map=None):
     if verifier == "shapes":
         if task == "edit":
             spec = edit_spec(reference, prompt)
-        elif task == "dense" and reference:  # a segmentation: the map of the reference's objects, not the prompt
+        elif task == "dense" and reference is not None:  # a segmentation: the reference's objects, not the prompt
             spec = dict(reference_spec(reference, "dense")[0], dense_map=DENSE_MAPS["dense"])
         else:
             spec = verify.parse_prompt(prompt)
