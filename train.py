@@ -14,6 +14,7 @@ Run:
       train.py config/train_7b_stage1.py                                            # multi-node
 Distributed means plain DDP, or FSDP2 (`parallel="fsdp"`) for 2B/7B (docs/training.md §3).
 """
+import atexit
 import json
 import os
 import shutil
@@ -189,12 +190,19 @@ def get_batch(data, step, micro_step, stream):
 def fresh_batches(start_iter):
     """With data_stream: the micro-batches of steps start_iter.. in order, each a pure function of its
     global index (so resuming at a step repeats the data, and no example appears twice), drawn ahead by
-    stream_workers processes."""
-    from data.shapes.prepare import Stream  # the shapes world: only a streaming run needs it
+    stream_workers processes. The workers ignore a SIGTERM sent to the whole process group, so the trainer
+    can save first; closing the generator at exit stops them (multiprocessing would wait on them forever)."""
+    from data.shapes.prepare import Stream, ignore_stop_signals  # only a streaming run needs the shapes world
     order = ((step * gradient_accumulation_steps + micro) * world_size + rank
              for step in range(start_iter, max_iters) for micro in range(gradient_accumulation_steps))
     stream = Stream(data_dir, data_mix, batch_size, seed)
-    return iter(DataLoader(stream, batch_size=None, sampler=order, num_workers=stream_workers, collate_fn=list))
+
+    def batches():
+        yield from DataLoader(stream, batch_size=None, sampler=order, num_workers=stream_workers, collate_fn=list,
+                              worker_init_fn=ignore_stop_signals)
+    fresh = batches()
+    atexit.register(fresh.close)  # runs before multiprocessing's own exit hook, which joins the workers
+    return fresh
 
 
 # -----------------------------------------------------------------------------
@@ -383,5 +391,7 @@ while iter_num < max_iters and not stop_requested:
         t_last, tokens_since = time.time(), 0
     if iter_num % checkpoint_interval == 0 or iter_num == max_iters or stop_requested:
         save_checkpoint()
+if data_stream:
+    fresh.close()  # stops the stream's workers (on a crash, the atexit hook does)
 if ddp:
     dist.destroy_process_group()

@@ -2,6 +2,8 @@
 generator describes (checked against per-image encoding, not the batched path), reruns are
 idempotent, and missing inputs fail with one clear line."""
 import json
+import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -158,6 +160,59 @@ def test_streaming_run_resumes_bitwise_and_logs_loss_per_kind(built, tmp_path, o
                 nll = torch.nn.functional.cross_entropy(model(seq[None, :-1])[0].double(), seq[1:], reduction="none")
             total, count = total + float((nll * m).sum()), count + float(m.sum())
         assert abs(loss - total / count) < 1e-4, kind
+
+
+def children(pid):
+    """The pids whose parent is pid (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("ending", ["signal", "crash"])
+def test_streaming_workers_outlive_sigterm_and_never_hang_the_exit(built, tmp_path, ending):
+    """`pkill -f train.py` or a scheduler's SIGTERM to the process group reaches the streaming workers too:
+    they must outlive it, or the trainer dies of a dead worker instead of finishing its step and saving.
+    Here a worker is signalled alone first (training must go on), then the whole group (save, exit 0).
+    Workers that ignore SIGTERM must still be stopped when the trainer ends, on a crash too, or exit hangs."""
+    import signal
+    import subprocess
+    import sys
+    from test_train import REPO, common
+    kw = dict(data_stream=True, data_mix="edge=1,colors=1", stream_workers=1, max_iters=500, lr_decay_iters=500)
+    if ending == "crash":  # weights blow up at step 1 and the run stops itself with an error
+        kw.update(learning_rate=1e30, warmup_iters=0, max_bad_steps=1)
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *common(built[0] / "shapes", tmp_path, **kw)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = []
+    try:
+        for line in proc.stdout if ending == "signal" else ():
+            lines.append(line)
+            if line.startswith("step 3:"):
+                workers = children(proc.pid)
+                assert workers, "no streaming worker found"
+                for pid in workers:
+                    os.kill(pid, signal.SIGTERM)
+            if line.startswith("step 12:"):  # past the batches the loader had drawn ahead
+                os.killpg(proc.pid, signal.SIGTERM)
+                break
+        lines += proc.communicate(timeout=60)[0]  # until the trainer and its workers are gone
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    saved = [p.name for p in tmp_path.glob("ckpt-*")]
+    if ending == "signal":
+        assert proc.returncode == 0, "".join(lines)[-3000:]
+        assert len(saved) == 1 and 12 <= int(saved[0].split("-")[1]) < 500, saved
+    else:
+        assert proc.returncode == 1 and "non-finite" in "".join(lines), "".join(lines)[-3000:]
 
 
 def test_panelwise_data_match_the_reference_encoding_and_decode_panelwise(built, tmp_path, one_thread):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,14 @@ class Stream(torch.utils.data.Dataset):
             self.codec = MoVQGAN.from_pretrained(self.codec_path).eval()
         batch = [example(j * self.batch_size + k, self.seed, self.mix, self.size) for k in range(self.batch_size)]
         return encode_examples(batch, self.codec, self.tokenizer, self.layout, "cpu", self.panelwise)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker_init_fn for Stream: a SIGTERM or Ctrl-C sent to the whole process group (a
+    scheduler's pre-emption, a terminal) must not kill the workers, or the trainer dies of a dead worker
+    before it can finish its step and save. The trainer stops them when it closes the loader."""
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def fingerprint(path):
