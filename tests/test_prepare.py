@@ -3,6 +3,9 @@ generator describes (checked against per-image encoding, not the batched path), 
 idempotent, and missing inputs fail with one clear line."""
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -181,9 +184,6 @@ def test_streaming_workers_outlive_sigterm_and_never_hang_the_exit(built, tmp_pa
     they must outlive it, or the trainer dies of a dead worker instead of finishing its step and saving.
     Here a worker is signalled alone first (training must go on), then the whole group (save, exit 0).
     Workers that ignore SIGTERM must still be stopped when the trainer ends, on a crash too, or exit hangs."""
-    import signal
-    import subprocess
-    import sys
     from test_train import REPO, common
     kw = dict(data_stream=True, data_mix="edge=1,colors=1", stream_workers=1, max_iters=500, lr_decay_iters=500)
     if ending == "crash":  # weights blow up at step 1 and the run stops itself with an error
